@@ -1,0 +1,200 @@
+// Python bindings: every argument is checked here, with the GIL held, and a bad one raises
+// ValueError naming it. Kernels then run with the GIL released.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <atomic>
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "memory.h"
+#include "threadpool.h"
+
+namespace nb = nanobind;
+using namespace tritlm;
+
+namespace {
+
+using Input = nb::ndarray<nb::ro>;
+constexpr int64_t kAny = -1;
+constexpr int64_t kMaxK = int64_t(1) << 18;  // keeps every int32 accumulator far from overflow
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+std::string dtype_name(nb::dlpack::dtype t) {
+  const char* kind = t.code == uint8_t(nb::dlpack::dtype_code::Int)     ? "int"
+                     : t.code == uint8_t(nb::dlpack::dtype_code::UInt)  ? "uint"
+                     : t.code == uint8_t(nb::dlpack::dtype_code::Float) ? "float"
+                     : t.code == uint8_t(nb::dlpack::dtype_code::Bfloat) ? "bfloat"
+                                                                         : "other";
+  return kind + std::to_string(t.bits);
+}
+
+std::string shape_str(const Input& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Checks dtype, rank, the dimensions given (kAny matches anything), device and C-contiguity.
+template <class T>
+const T* checked(const Input& a, const char* name, std::vector<int64_t> shape) {
+  if (a.device_type() != nb::device::cpu::value) fail(std::string(name) + ": must be in CPU memory");
+  if (a.dtype() != nb::dtype<T>())
+    fail(std::string(name) + ": expected " + dtype_name(nb::dtype<T>()) + ", got " + dtype_name(a.dtype()));
+  bool ok = a.ndim() == shape.size();
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] == kAny || int64_t(a.shape(i)) == shape[i];
+  if (!ok) {
+    std::string want = "(";
+    for (size_t i = 0; i < shape.size(); ++i)
+      want += (i ? ", " : "") + (shape[i] == kAny ? std::string("*") : std::to_string(shape[i]));
+    fail(std::string(name) + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") +
+         ", got " + shape_str(a));
+  }
+  int64_t stride = 1;
+  for (size_t i = a.ndim(); i-- > 0;) {
+    if (a.shape(i) != 1 && a.stride(i) != stride) fail(std::string(name) + ": must be C-contiguous");
+    stride *= int64_t(a.shape(i));
+  }
+  return static_cast<const T*>(a.data());
+}
+
+template <class T>
+nb::ndarray<nb::numpy, T> new_array(std::vector<size_t> shape) {
+  size_t n = 1;
+  for (size_t d : shape) n *= d;
+  T* data = new T[n ? n : 1];
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
+}
+
+void check_threads(int n_threads) {
+  if (n_threads < 1 || n_threads > 1024) fail("n_threads must be between 1 and 1024, got " + std::to_string(n_threads));
+}
+
+// Validates a ternary product's weights and activations; returns its shape (M, K, n_tokens).
+Gemm checked_gemm(const Input& tiles, int64_t M, const Input& q) {
+  if (M < 1) fail("M must be positive, got " + std::to_string(M));
+  if (q.ndim() != 2) fail("q: expected shape (tokens, K), got " + shape_str(q));
+  const int64_t K = int64_t(q.shape(1)), n = int64_t(q.shape(0));
+  if (K % 128 || K == 0) fail("K (the row length) must be a positive multiple of 128, got " + std::to_string(K));
+  if (K > kMaxK) fail("K must be at most " + std::to_string(kMaxK) + ", got " + std::to_string(K));
+  Gemm g{};
+  g.M = M;
+  g.K = K;
+  g.n_tokens = n;
+  g.q = checked<int8_t>(q, "q", {n, K});
+  g.tiles = checked<uint8_t>(tiles, "tiles", {(M + kTileRows - 1) / kTileRows, K / kChunkCols, kChunkBytes});
+  return g;
+}
+
+void run_gemm(const Gemm& g, const KernelSet& ks, int n_threads) {
+  const int64_t n_tiles = (g.M + kTileRows - 1) / kTileRows;
+  parallel_for(n_threads, n_tiles, [&](int64_t begin, int64_t end) { ks.gemm_tiles(g, begin, end); });
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  m.doc() = "tritlm's C++ kernels";
+  m.attr("TILE_ROWS") = kTileRows;
+  m.attr("TILE_COLS") = kChunkCols;
+  m.attr("TILE_CHUNK_BYTES") = kChunkBytes;
+
+  m.def("isas", [] {
+    std::vector<std::string> names;
+    for (const KernelSet& k : available_kernels()) names.push_back(k.name);
+    return names;
+  }, "Kernel sets this CPU can run, best first.");
+
+  m.def("quantize", [](const Input& x, const std::string& isa, int n_threads) {
+    const KernelSet& ks = kernels_named(isa);
+    check_threads(n_threads);
+    if (x.ndim() != 2) fail("x: expected shape (tokens, K), got " + shape_str(x));
+    const int64_t n = int64_t(x.shape(0)), k = int64_t(x.shape(1));
+    const float* xp = checked<float>(x, "x", {n, k});
+    auto q = new_array<int8_t>({size_t(n), size_t(k)});
+    auto scale = new_array<float>({size_t(n)});
+    auto sum = new_array<int32_t>({size_t(n)});
+    std::atomic<bool> finite{true};
+    {
+      nb::gil_scoped_release release;
+      int8_t* qp = q.data();
+      float* sp = scale.data();
+      int32_t* up = sum.data();
+      parallel_for(n_threads, n, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          if (!ks.quantize_row(xp + i * k, k, qp + i * k, sp + i, up + i)) finite = false;
+      });
+    }
+    if (!finite) fail("x: activations contain NaN or infinity");
+    return std::make_tuple(q, scale, sum);
+  }, nb::arg("x"), nb::arg("isa"), nb::arg("n_threads") = 1,
+  "Per-row int8 quantization of float32 x [tokens, K] -> (q, scale, row_sum).");
+
+  m.def("gemm", [](const Input& tiles, int64_t M, const Input& row_scale, const Input& q,
+                   const Input& act_scale, const Input& act_sum, const std::string& isa, int n_threads) {
+    const KernelSet& ks = kernels_named(isa);
+    check_threads(n_threads);
+    Gemm g = checked_gemm(tiles, M, q);
+    g.row_scale = checked<float>(row_scale, "row_scale", {M});
+    g.act_scale = checked<float>(act_scale, "act_scale", {g.n_tokens});
+    g.act_sum = checked<int32_t>(act_sum, "act_sum", {g.n_tokens});
+    auto out = new_array<float>({size_t(g.n_tokens), size_t(M)});
+    g.out = out.data();
+    {
+      nb::gil_scoped_release release;
+      run_gemm(g, ks, n_threads);
+    }
+    return out;
+  }, nb::arg("tiles"), nb::arg("M"), nb::arg("row_scale"), nb::arg("q"), nb::arg("act_scale"),
+  nb::arg("act_sum"), nb::arg("isa"), nb::arg("n_threads") = 1,
+  "y[n, m] = ((float)S - (float)act_sum) / act_scale * row_scale for tiled ternary weights.");
+
+  m.def("gemm_sums", [](const Input& tiles, int64_t M, const Input& q, const std::string& isa, int n_threads) {
+    const KernelSet& ks = kernels_named(isa);
+    check_threads(n_threads);
+    Gemm g = checked_gemm(tiles, M, q);
+    auto sums = new_array<int32_t>({size_t(g.n_tokens), size_t(M)});
+    g.sums = sums.data();
+    {
+      nb::gil_scoped_release release;
+      run_gemm(g, ks, n_threads);
+    }
+    return sums;
+  }, nb::arg("tiles"), nb::arg("M"), nb::arg("q"), nb::arg("isa"), nb::arg("n_threads") = 1,
+  "The integer sums S[n, m] = sum_k code[m, k] * q[n, k] of the same product.");
+
+  m.def("empty_streaming", [](size_t nbytes) {
+    uint8_t* p = alloc_streaming(nbytes);
+    nb::capsule owner(p, [](void* q) noexcept { free_streaming(static_cast<uint8_t*>(q)); });
+    const size_t shape[1] = {nbytes};
+    return nb::ndarray<nb::numpy, uint8_t>(p, 1, shape, owner);
+  }, nb::arg("nbytes"),
+  "An uninitialized uint8 buffer, 2 MiB aligned and backed by huge pages where possible.");
+
+  m.def("read_seconds", [](const Input& buffer, const std::string& isa, int n_threads) {
+    const KernelSet& ks = kernels_named(isa);
+    check_threads(n_threads);
+    if (buffer.ndim() != 1) fail("buffer: expected a flat uint8 array, got shape " + shape_str(buffer));
+    const int64_t n = int64_t(buffer.shape(0)) / 64 * 64;
+    const uint8_t* p = checked<uint8_t>(buffer, "buffer", {kAny});
+    nb::gil_scoped_release release;
+    std::atomic<uint64_t> checksum{0};
+    const auto start = std::chrono::steady_clock::now();
+    parallel_for(n_threads, n / 64, [&](int64_t begin, int64_t end) {
+      checksum ^= ks.read_bytes(p + begin * 64, (end - begin) * 64);
+    });
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+    static volatile uint64_t sink;
+    sink = checksum;
+    return took.count();
+  }, nb::arg("buffer"), nb::arg("isa"), nb::arg("n_threads") = 1,
+  "Seconds to read the whole buffer once with n_threads threads (a bandwidth probe).");
+}

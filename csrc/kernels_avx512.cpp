@@ -1,0 +1,167 @@
+// AVX-512 VNNI kernels (Ice Lake / Sapphire Rapids / Zen 4 and later).
+//
+// A 64-byte chunk of tiles is one register: 16 int32 lanes = 16 weight rows, and each 2-bit
+// plane p pairs with activations 16s + 4p .. 16s + 4p + 3, broadcast to every lane. vpdpbusd
+// multiplies the unsigned codes by the signed activations and adds groups of 4 into int32.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "kernels.h"
+
+namespace tritlm {
+namespace {
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline __mmask16 row_mask(const Gemm& g, int64_t tile) {
+  const int64_t rows = g.M - tile * kTileRows;
+  return rows >= kTileRows ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+}
+
+inline void store_tile(const Gemm& g, int64_t tile, int64_t t, __m512i sums) {
+  const int64_t m0 = tile * kTileRows;
+  const __mmask16 mask = row_mask(g, tile);
+  if (g.sums) {
+    _mm512_mask_storeu_epi32(g.sums + t * g.M + m0, mask, sums);
+    return;
+  }
+  const __m512 diff = _mm512_sub_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(float(g.act_sum[t])));
+  const __m512 y = _mm512_mul_ps(_mm512_div_ps(diff, _mm512_set1_ps(g.act_scale[t])),
+                                 _mm512_maskz_loadu_ps(mask, g.row_scale + m0));
+  _mm512_mask_storeu_ps(g.out + t * g.M + m0, mask, y);
+}
+
+// Few tokens (decode): bandwidth-bound, so spend the fewest instructions per byte. Each plane is
+// masked in place (code << 2p) into its own accumulator, which removes the shifts from the loop
+// and gives 4 independent dependency chains; acc_p is an exact multiple of 4^p, so shifting it
+// back at the end is exact.
+template <int T>
+void tile_few_tokens(const Gemm& g, int64_t tile, int64_t t0) {
+  const int64_t chunks = g.K / kChunkCols;
+  const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
+  const int8_t* q = g.q + t0 * g.K;
+  const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C);
+  const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8(char(0xC0));
+  __m512i acc[4][T];
+  for (int t = 0; t < T; ++t)
+    for (int p = 0; p < 4; ++p) acc[p][t] = _mm512_setzero_si512();
+  for (int64_t s = 0; s < chunks; ++s) {
+    const __m512i x = _mm512_loadu_si512(w + s * kChunkBytes);
+    const __m512i w0 = _mm512_and_si512(x, m0), w1 = _mm512_and_si512(x, m1);
+    const __m512i w2 = _mm512_and_si512(x, m2), w3 = _mm512_and_si512(x, m3);
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+      const int8_t* qs = q + t * g.K + s * kChunkCols;
+      acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], w0, broadcast4(qs));
+      acc[1][t] = _mm512_dpbusd_epi32(acc[1][t], w1, broadcast4(qs + 4));
+      acc[2][t] = _mm512_dpbusd_epi32(acc[2][t], w2, broadcast4(qs + 8));
+      acc[3][t] = _mm512_dpbusd_epi32(acc[3][t], w3, broadcast4(qs + 12));
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m512i sums = _mm512_add_epi32(
+        _mm512_add_epi32(acc[0][t], _mm512_srai_epi32(acc[1][t], 2)),
+        _mm512_add_epi32(_mm512_srai_epi32(acc[2][t], 4), _mm512_srai_epi32(acc[3][t], 6)));
+    store_tile(g, tile, t0 + t, sums);
+  }
+}
+
+// Many tokens (prefill): compute-bound. Unpack each chunk once into 4 planes of plain codes and
+// reuse them for T tokens, one accumulator per token.
+template <int T>
+void tile_many_tokens(const Gemm& g, int64_t tile, int64_t t0) {
+  const int64_t chunks = g.K / kChunkCols;
+  const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
+  const int8_t* q = g.q + t0 * g.K;
+  const __m512i m = _mm512_set1_epi8(0x03);
+  __m512i acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
+  for (int64_t s = 0; s < chunks; ++s) {
+    const __m512i x = _mm512_loadu_si512(w + s * kChunkBytes);
+    const __m512i p0 = _mm512_and_si512(x, m);
+    const __m512i p1 = _mm512_and_si512(_mm512_srli_epi16(x, 2), m);
+    const __m512i p2 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
+    const __m512i p3 = _mm512_and_si512(_mm512_srli_epi16(x, 6), m);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const int8_t* qs = q + t * g.K + s * kChunkCols;
+      acc[t] = _mm512_dpbusd_epi32(acc[t], p0, broadcast4(qs));
+      acc[t] = _mm512_dpbusd_epi32(acc[t], p1, broadcast4(qs + 4));
+      acc[t] = _mm512_dpbusd_epi32(acc[t], p2, broadcast4(qs + 8));
+      acc[t] = _mm512_dpbusd_epi32(acc[t], p3, broadcast4(qs + 12));
+    }
+  }
+  for (int t = 0; t < T; ++t) store_tile(g, tile, t0 + t, acc[t]);
+}
+
+constexpr int kMaxBlock = 16;
+using TileFn = void (*)(const Gemm&, int64_t, int64_t);
+constexpr TileFn kTileFns[kMaxBlock + 1] = {
+    nullptr,                 tile_few_tokens<1>,   tile_few_tokens<2>,   tile_few_tokens<3>,
+    tile_few_tokens<4>,      tile_many_tokens<5>,  tile_many_tokens<6>,  tile_many_tokens<7>,
+    tile_many_tokens<8>,     tile_many_tokens<9>,  tile_many_tokens<10>, tile_many_tokens<11>,
+    tile_many_tokens<12>,    tile_many_tokens<13>, tile_many_tokens<14>, tile_many_tokens<15>,
+    tile_many_tokens<16>};
+
+void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile)
+    for (int64_t t0 = 0; t0 < g.n_tokens; t0 += kMaxBlock) {
+      const int64_t block = g.n_tokens - t0 < kMaxBlock ? g.n_tokens - t0 : kMaxBlock;
+      kTileFns[block](g, tile, t0);
+    }
+}
+
+bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
+  // max|x| on the bit patterns: for non-negative floats integer order is float order, and every
+  // NaN or infinity compares at or above 0x7f800000.
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i amax = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mask = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+    amax = _mm512_max_epi32(amax, _mm512_and_si512(_mm512_maskz_loadu_epi32(mask, x + i), abs_mask));
+  }
+  const int32_t amax_bits = _mm512_reduce_max_epi32(amax);
+  if (amax_bits >= 0x7f800000) return false;
+  float amax_f;
+  std::memcpy(&amax_f, &amax_bits, 4);
+  const float s = act_scale_from_max(amax_f);
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+  __m512i total = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mask = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1);
+    // cvtps rounds half to even in the default rounding mode, like the reference's rint
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + i), vs));
+    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+    total = _mm512_add_epi32(total, v);
+    _mm512_mask_cvtepi32_storeu_epi8(q + i, mask, v);
+  }
+  *scale = s;
+  *sum = _mm512_reduce_add_epi32(total);
+  return true;
+}
+
+uint64_t read_bytes(const uint8_t* p, int64_t n) {
+  __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
+  int64_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    a = _mm512_xor_si512(a, _mm512_loadu_si512(p + i));
+    b = _mm512_xor_si512(b, _mm512_loadu_si512(p + i + 64));
+    c = _mm512_xor_si512(c, _mm512_loadu_si512(p + i + 128));
+    d = _mm512_xor_si512(d, _mm512_loadu_si512(p + i + 192));
+  }
+  for (; i < n; i += 64) a = _mm512_xor_si512(a, _mm512_loadu_si512(p + i));
+  const __m512i all = _mm512_xor_si512(_mm512_xor_si512(a, b), _mm512_xor_si512(c, d));
+  return uint64_t(_mm512_reduce_add_epi64(all));
+}
+
+}  // namespace
+
+KernelSet avx512_kernels() { return {"avx512", quantize_row, gemm_tiles, read_bytes}; }
+
+}  // namespace tritlm
