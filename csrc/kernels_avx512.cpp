@@ -40,6 +40,16 @@ inline void store_tile(const Gemm& g, int64_t tile, int64_t t, __m512i sums) {
 // masked in place (code << 2p) into its own accumulator, which removes the shifts from the loop
 // and gives 4 independent dependency chains; acc_p is an exact multiple of 4^p, so shifting it
 // back at the end is exact.
+// Decode streams weights from DRAM, and the hardware prefetcher alone keeps too few lines in
+// flight. A near prefetch into L1 plus a far one into L2 (which does not hold an L1 fill buffer
+// for the whole trip) took one core from 8.9 to 15.5 GB/s, of 17.5 for a plain read.
+constexpr int64_t kNearPrefetch = 1024, kFarPrefetch = 8192;
+
+inline void prefetch_ahead(const uint8_t* line) {
+  _mm_prefetch(reinterpret_cast<const char*>(line + kNearPrefetch), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(line + kFarPrefetch), _MM_HINT_T2);
+}
+
 template <int T>
 void tile_few_tokens(const Gemm& g, int64_t tile, int64_t t0) {
   const int64_t chunks = g.K / kChunkCols;
@@ -51,6 +61,7 @@ void tile_few_tokens(const Gemm& g, int64_t tile, int64_t t0) {
   for (int t = 0; t < T; ++t)
     for (int p = 0; p < 4; ++p) acc[p][t] = _mm512_setzero_si512();
   for (int64_t s = 0; s < chunks; ++s) {
+    prefetch_ahead(w + s * kChunkBytes);
     const __m512i x = _mm512_loadu_si512(w + s * kChunkBytes);
     const __m512i w0 = _mm512_and_si512(x, m0), w1 = _mm512_and_si512(x, m1);
     const __m512i w2 = _mm512_and_si512(x, m2), w3 = _mm512_and_si512(x, m3);
@@ -99,10 +110,49 @@ void tile_many_tokens(const Gemm& g, int64_t tile, int64_t t0) {
   for (int t = 0; t < T; ++t) store_tile(g, tile, t0 + t, acc[t]);
 }
 
+// acc += codes (u8) x the 4 int8 at q broadcast to every lane. GCC does not fold the broadcast
+// load into vpdpbusd by itself; folded, the loop issues a quarter fewer instructions.
+inline void dpbusd_broadcast(__m512i& acc, __m512i codes, const int8_t* q) {
+  __asm__("vpdpbusd %[q]%{1to16%}, %[codes], %[acc]"
+          : [acc] "+v"(acc)
+          : [codes] "v"(codes), [q] "m"(*reinterpret_cast<const int32_t*>(q)));
+}
+
+// One token (decode), the hot case: tile_few_tokens<1> written out by hand, two chunks per
+// iteration (K is a multiple of 128, so the chunk count is even) into 8 independent chains.
+void tile_one_token(const Gemm& g, int64_t tile, int64_t t0) {
+  const int64_t chunks = g.K / kChunkCols;
+  const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
+  const int8_t* q = g.q + t0 * g.K;
+  const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C);
+  const __m512i m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8(char(0xC0));
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  for (int64_t s = 0; s < chunks; s += 2, w += 2 * kChunkBytes, q += 2 * kChunkCols) {
+    prefetch_ahead(w);
+    prefetch_ahead(w + kChunkBytes);
+    const __m512i x = _mm512_loadu_si512(w), y = _mm512_loadu_si512(w + kChunkBytes);
+    dpbusd_broadcast(a0, _mm512_and_si512(x, m0), q);
+    dpbusd_broadcast(a1, _mm512_and_si512(x, m1), q + 4);
+    dpbusd_broadcast(a2, _mm512_and_si512(x, m2), q + 8);
+    dpbusd_broadcast(a3, _mm512_and_si512(x, m3), q + 12);
+    dpbusd_broadcast(b0, _mm512_and_si512(y, m0), q + 16);
+    dpbusd_broadcast(b1, _mm512_and_si512(y, m1), q + 20);
+    dpbusd_broadcast(b2, _mm512_and_si512(y, m2), q + 24);
+    dpbusd_broadcast(b3, _mm512_and_si512(y, m3), q + 28);
+  }
+  a0 = _mm512_add_epi32(a0, b0);
+  a1 = _mm512_add_epi32(a1, b1);
+  a2 = _mm512_add_epi32(a2, b2);
+  a3 = _mm512_add_epi32(a3, b3);
+  const __m512i sums = _mm512_add_epi32(_mm512_add_epi32(a0, _mm512_srai_epi32(a1, 2)),
+                                        _mm512_add_epi32(_mm512_srai_epi32(a2, 4), _mm512_srai_epi32(a3, 6)));
+  store_tile(g, tile, t0, sums);
+}
+
 constexpr int kMaxBlock = 16;
 using TileFn = void (*)(const Gemm&, int64_t, int64_t);
 constexpr TileFn kTileFns[kMaxBlock + 1] = {
-    nullptr,                 tile_few_tokens<1>,   tile_few_tokens<2>,   tile_few_tokens<3>,
+    nullptr,                 tile_one_token,   tile_few_tokens<2>,   tile_few_tokens<3>,
     tile_few_tokens<4>,      tile_many_tokens<5>,  tile_many_tokens<6>,  tile_many_tokens<7>,
     tile_many_tokens<8>,     tile_many_tokens<9>,  tile_many_tokens<10>, tile_many_tokens<11>,
     tile_many_tokens<12>,    tile_many_tokens<13>, tile_many_tokens<14>, tile_many_tokens<15>,
