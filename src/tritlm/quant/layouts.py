@@ -42,7 +42,7 @@ def _ternary(codes: np.ndarray, layout: str) -> np.ndarray:
     return codes.astype(np.int8) - 1
 
 
-def _row_scales(scale, m: int) -> np.ndarray:
+def row_scales(scale, m: int) -> np.ndarray:
     s = np.broadcast_to(np.asarray(scale, dtype=np.float32), (m,))
     if not (np.isfinite(s).all() and (s >= 0).all()):
         raise ValueError("weight scales must be finite and non-negative")
@@ -74,7 +74,7 @@ def i2s_nbytes(shape) -> int:
 def pack_i2s(ternary: np.ndarray, scale) -> np.ndarray:
     codes = _codes(ternary)
     _check_cols(codes.shape, I2S_BLOCK, "I2_S")
-    scales = _row_scales(scale, codes.shape[0])
+    scales = row_scales(scale, codes.shape[0])
     if scales.size and (scales != scales[0]).any():
         raise ValueError("I2_S holds one scale per tensor; the rows have different scales")
     # element j = 32g + p of a block sits in byte p at bit shift 6 - 2g
@@ -123,7 +123,7 @@ def tq2_0_nbytes(shape) -> int:
 def pack_tq2_0(ternary: np.ndarray, scale) -> np.ndarray:
     codes = _codes(ternary)
     _check_cols(codes.shape, QK, "TQ2_0")
-    scales = _row_scales(scale, codes.shape[0])
+    scales = row_scales(scale, codes.shape[0])
     # in each 128-element half: byte m holds elements m + 32n at bit 2n
     halves = codes.reshape(-1, 2, 4, 32)
     packed = halves[:, :, 0] | (halves[:, :, 1] << 2) | (halves[:, :, 2] << 4) | (halves[:, :, 3] << 6)
@@ -155,7 +155,7 @@ def tq1_0_nbytes(shape) -> int:
 def pack_tq1_0(ternary: np.ndarray, scale) -> np.ndarray:
     codes = _codes(ternary)
     _check_cols(codes.shape, QK, "TQ1_0")
-    scales = _row_scales(scale, codes.shape[0])
+    scales = row_scales(scale, codes.shape[0])
     blocks = codes.reshape(-1, QK).astype(np.uint16)
     parts = []
     for start, nbytes, trits in _TQ1_GROUPS:

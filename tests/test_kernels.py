@@ -1,0 +1,218 @@
+"""Every C++ kernel set against the NumPy reference, bit for bit."""
+
+import numpy as np
+import pytest
+from conftest import random_ternary
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tritlm import _native, kernels, quant
+from tritlm.quant import layouts
+
+ISAS = kernels.ISAS
+settings.register_profile("kernels", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile("kernels")
+
+
+def test_portable_and_this_machine_isas_present():
+    assert ISAS[-1] == "portable"
+    assert len(set(ISAS)) == len(ISAS)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(tokens=st.integers(1, 9), k=st.integers(1, 700), seed=st.integers(0, 2**32 - 1),
+       magnitude=st.sampled_from([1e-6, 1.0, 1e3, 1e30]))
+def test_quantize_matches_reference(isa, tokens, k, seed, magnitude):
+    x = (np.random.default_rng(seed).standard_normal((tokens, k)) * magnitude).astype(np.float32)
+    acts = kernels.quantize_activations(x, isa=isa, n_threads=2)
+    q, scale, row_sum = quant.quantize_activations(x)
+    np.testing.assert_array_equal(acts.q, q)
+    np.testing.assert_array_equal(acts.scale, scale)
+    np.testing.assert_array_equal(acts.row_sum, row_sum)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_extremes(isa):
+    x = np.zeros((4, 256), np.float32)
+    x[1] = 5.0  # every activation at +127
+    x[2] = np.linspace(-1, 1, 256)
+    x[2, 100] = 3e38  # one huge outlier flattens everything else to 0
+    x[3, ::2], x[3, 1::2] = 0.5, -0.5  # exact ties after scaling
+    acts = kernels.quantize_activations(x, isa=isa)
+    q, scale, row_sum = quant.quantize_activations(x)
+    np.testing.assert_array_equal(acts.q, q)
+    np.testing.assert_array_equal(acts.scale, scale)
+    np.testing.assert_array_equal(acts.row_sum, row_sum)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_quantize_rejects_non_finite(isa, value):
+    x = np.ones((3, 300), np.float32)
+    x[2, 299] = value
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        kernels.quantize_activations(x, isa=isa)
+
+
+def check_product(isa, ternary, scale, x, n_threads=2):
+    matrix = kernels.TernaryMatrix(ternary, scale)
+    acts = kernels.quantize_activations(x, isa=isa)
+    q, act_scale, row_sum = quant.quantize_activations(x)
+    np.testing.assert_array_equal(matrix.code_sums(acts.q, isa=isa, n_threads=n_threads),
+                                  quant.code_sums(ternary, q))
+    np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=n_threads),
+                                  quant.ternary_matmul(ternary, matrix.scale, q, act_scale, row_sum))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(m=st.integers(1, 80), k_blocks=st.one_of(st.integers(1, 8), st.sampled_from([20, 54, 128])),
+       tokens=st.one_of(st.integers(1, 20), st.integers(21, 64)), seed=st.integers(0, 2**32 - 1))
+def test_gemm_matches_reference(isa, m, k_blocks, tokens, seed):
+    rng = np.random.default_rng(seed)
+    k = 128 * k_blocks
+    scale = rng.uniform(0.01, 2, m).astype(np.float32)  # per-row scales
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    check_product(isa, random_ternary(rng, m, k), scale, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,tokens", [(2560, 1), (333, 17), (17, 64)])
+def test_gemm_model_shapes(isa, rng, m, tokens):
+    k = 2560
+    check_product(isa, random_ternary(rng, m, k), np.float32(0.8),
+                  rng.standard_normal((tokens, k)).astype(np.float32), n_threads=3)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code,value", [(2, 127), (2, -128), (0, -128), (1, 127)])
+def test_gemm_largest_sums_are_exact(isa, code, value):
+    k, m = 16384, 5
+    ternary = np.full((m, k), code - 1, np.int8)
+    q = np.full((3, k), value, np.int8)
+    matrix = kernels.TernaryMatrix(ternary, 1.0)
+    sums = matrix.code_sums(q, isa=isa)
+    np.testing.assert_array_equal(sums, quant.code_sums(ternary, q))
+    assert sums[0, 0] == code * value * k  # 2 * 127 * 16384 = 4161536: no int16 anywhere
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemm_extreme_activations(isa, rng):
+    k = 1024
+    ternary = random_ternary(rng, 40, k)
+    x = np.zeros((4, k), np.float32)
+    x[1] = 1.0
+    x[2] = -1.0
+    x[3] = rng.standard_normal(k)
+    x[3, 5] = 1e20
+    check_product(isa, ternary, np.float32(0.25), x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_thread_counts_agree(isa, rng):
+    ternary = random_ternary(rng, 200, 512)
+    matrix = kernels.TernaryMatrix(ternary, 1.0)
+    acts = kernels.quantize_activations(rng.standard_normal((5, 512)).astype(np.float32), isa=isa)
+    one = matrix.matmul(acts, isa=isa, n_threads=1)
+    for n in (2, 3, 8, 64):
+        np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=n), one)
+
+
+@pytest.mark.parametrize("layout", list(layouts.FILE_LAYOUTS))
+def test_matrix_from_file_layouts(rng, layout):
+    ternary = random_ternary(rng, 24, 512)
+    pack, _ = layouts.FILE_LAYOUTS[layout]
+    matrix = kernels.TernaryMatrix.from_layout(layout, pack(ternary, np.float32(0.5)), ternary.shape)
+    np.testing.assert_array_equal(layouts.unpack_tiles(matrix.tiles, ternary.shape), ternary)
+    np.testing.assert_array_equal(matrix.scale, np.full(24, 0.5, np.float32))
+
+
+def test_matrix_from_hf(rng):
+    ternary = random_ternary(rng, 24, 256)
+    matrix = kernels.TernaryMatrix.from_hf(layouts.pack_hf(ternary), 2.0)
+    np.testing.assert_array_equal(layouts.unpack_tiles(matrix.tiles, ternary.shape), ternary)
+
+
+def test_matmul_operator_approximates_float_product(rng):
+    ternary = random_ternary(rng, 64, 512)
+    matrix = kernels.TernaryMatrix(ternary, 0.02)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    reference = x @ (ternary.astype(np.float32).T * 0.02)
+    np.testing.assert_allclose(matrix @ x, reference, atol=0.02 * np.abs(reference).max())
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def parts(rng):
+    ternary = random_ternary(rng, 32, 256)
+    matrix = kernels.TernaryMatrix(ternary, 1.0)
+    acts = kernels.quantize_activations(rng.standard_normal((2, 256)).astype(np.float32))
+    return matrix, acts
+
+
+def gemm_args(matrix, acts, **changes):
+    args = dict(tiles=matrix.tiles, M=32, row_scale=matrix.scale, q=acts.q, act_scale=acts.scale,
+                act_sum=acts.row_sum, isa=ISAS[0], n_threads=1)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m, a: {"q": a.q.astype(np.int16)}, "q: expected int8, got int16"),
+    (lambda m, a: {"q": np.ascontiguousarray(a.q[:, :128])}, "tiles: expected shape"),
+    (lambda m, a: {"q": np.zeros((2, 200), np.int8)}, "multiple of 128"),
+    (lambda m, a: {"q": np.zeros((2, 512), np.int8)[:, ::2]}, "C-contiguous"),
+    (lambda m, a: {"q": a.q[0]}, "q: expected shape"),
+    (lambda m, a: {"tiles": m.tiles.astype(np.int8)}, "tiles: expected uint8"),
+    (lambda m, a: {"tiles": m.tiles[:1]}, "tiles: expected shape"),
+    (lambda m, a: {"row_scale": m.scale[:31]}, "row_scale: expected shape"),
+    (lambda m, a: {"row_scale": m.scale.astype(np.float64)}, "row_scale: expected float32"),
+    (lambda m, a: {"act_scale": a.scale[:1]}, "act_scale: expected shape"),
+    (lambda m, a: {"act_sum": a.row_sum.astype(np.int64)}, "act_sum: expected int32"),
+    (lambda m, a: {"M": 0}, "M must be positive"),
+    (lambda m, a: {"M": 33}, "tiles: expected shape"),
+    (lambda m, a: {"isa": "sse9"}, "not available on this CPU"),
+    (lambda m, a: {"n_threads": 0}, "n_threads"),
+])
+def test_gemm_rejects_bad_arguments(parts, change, message):
+    matrix, acts = parts
+    with pytest.raises(ValueError, match=message):
+        _native.gemm(**gemm_args(matrix, acts, **change(matrix, acts)))
+
+
+def test_gemm_sums_rejects_huge_k():
+    q = np.zeros((1, 128 * 4096), np.int8)
+    with pytest.raises(ValueError, match="K must be at most"):
+        _native.gemm_sums(np.zeros((1, 32768, 64), np.uint8), 16, q, ISAS[0])
+
+
+@pytest.mark.parametrize("x,message", [
+    (np.zeros((2, 64), np.float64), "x: expected float32, got float64"),
+    (np.zeros((2, 128), np.float32)[:, ::2], "C-contiguous"),
+    (np.zeros((2, 2, 64), np.float32), "x: expected shape"),
+])
+def test_quantize_rejects_bad_arguments(x, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.quantize_activations(x)
+
+
+def test_matrix_rejects_bad_weights():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        kernels.TernaryMatrix(np.zeros((4, 100), np.int8), 1.0)
+    with pytest.raises(ValueError, match="int8"):
+        kernels.TernaryMatrix(np.zeros((4, 128), np.float32), 1.0)
+    with pytest.raises(ValueError, match="unknown layout"):
+        kernels.TernaryMatrix.from_layout("Q4_0", np.zeros(10, np.uint8), (1, 128))
+
+
+def test_unknown_isa_from_environment(monkeypatch):
+    monkeypatch.setenv("TRITLM_ISA", "neon-on-x86")
+    with pytest.raises(ValueError, match="TRITLM_ISA"):
+        kernels.default_isa()
+
+
+def test_read_probe_reads_whole_buffer():
+    buffer = _native.empty_streaming(1 << 20)
+    assert buffer.ctypes.data % (2 << 20) == 0
+    assert _native.read_seconds(buffer, ISAS[0], 2) > 0
