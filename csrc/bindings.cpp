@@ -22,6 +22,7 @@ using namespace tritlm;
 namespace {
 
 using Input = nb::ndarray<nb::ro>;
+using Held = nb::ndarray<nb::numpy, nb::ro>;  // an argument kept alive, shown to Python as NumPy
 constexpr int64_t kAny = -1;
 constexpr int64_t kMaxK = int64_t(1) << 18;  // keeps every int32 accumulator far from overflow
 
@@ -36,15 +37,16 @@ std::string dtype_name(nb::dlpack::dtype t) {
   return kind + std::to_string(t.bits);
 }
 
-std::string shape_str(const Input& a) {
+template <class Array>
+std::string shape_str(const Array& a) {
   std::string s = "(";
   for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
 // Checks dtype, rank, the dimensions given (kAny matches anything), device and C-contiguity.
-template <class T>
-const T* checked(const Input& a, const char* name, std::vector<int64_t> shape) {
+template <class T, class Array>
+const T* checked(const Array& a, const char* name, std::vector<int64_t> shape) {
   if (a.device_type() != nb::device::cpu::value) fail(std::string(name) + ": must be in CPU memory");
   if (a.dtype() != nb::dtype<T>())
     fail(std::string(name) + ": expected " + dtype_name(nb::dtype<T>()) + ", got " + dtype_name(a.dtype()));
@@ -74,27 +76,61 @@ nb::ndarray<nb::numpy, T> new_array(std::vector<size_t> shape) {
   return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
 }
 
+void check_k(int64_t K) {
+  if (K % 128 || K <= 0) fail("K (the row length) must be a positive multiple of 128, got " + std::to_string(K));
+  if (K > kMaxK) fail("K must be at most " + std::to_string(kMaxK) + ", got " + std::to_string(K));
+}
+
 void check_threads(int n_threads) {
   if (n_threads < 1 || n_threads > 1024) fail("n_threads must be between 1 and 1024, got " + std::to_string(n_threads));
 }
 
-// Validates a ternary product's weights and activations; returns its shape (M, K, n_tokens).
-Gemm checked_gemm(const Input& tiles, int64_t M, const Input& q) {
-  if (M < 1) fail("M must be positive, got " + std::to_string(M));
-  if (q.ndim() != 2) fail("q: expected shape (tokens, K), got " + shape_str(q));
-  const int64_t K = int64_t(q.shape(1)), n = int64_t(q.shape(0));
-  if (K % 128 || K == 0) fail("K (the row length) must be a positive multiple of 128, got " + std::to_string(K));
-  if (K > kMaxK) fail("K must be at most " + std::to_string(kMaxK) + ", got " + std::to_string(K));
+// A tiled ternary matrix, checked once when built; matmul calls then pass only this handle.
+struct Weights {
+  Held tiles, row_scale;
+  int64_t M, K;
+
+  Weights(const Input& tiles_, int64_t M_, const Input& row_scale_) : tiles(tiles_), row_scale(row_scale_), M(M_) {
+    if (M < 1) fail("M must be positive, got " + std::to_string(M));
+    if (tiles.ndim() != 3) fail("tiles: expected shape (tiles, K / 16, 64), got " + shape_str(tiles));
+    K = int64_t(tiles.shape(1)) * kChunkCols;
+    check_k(K);
+    checked<uint8_t>(tiles, "tiles", {(M + kTileRows - 1) / kTileRows, K / kChunkCols, kChunkBytes});
+    checked<float>(row_scale, "row_scale", {M});
+  }
+};
+
+// Quantized activations of n tokens: q [n, K], scale [n], row_sum [n].
+struct Activations {
+  Held q, scale, row_sum;
+  int64_t n, K;
+
+  Activations(const Input& q_, const Input& scale_, const Input& row_sum_) : q(q_), scale(scale_), row_sum(row_sum_) {
+    if (q.ndim() != 2) fail("q: expected shape (tokens, K), got " + shape_str(q));
+    n = int64_t(q.shape(0));
+    K = int64_t(q.shape(1));
+    checked<int8_t>(q, "q", {n, K});
+    checked<float>(scale, "scale", {n});
+    checked<int32_t>(row_sum, "row_sum", {n});
+  }
+};
+
+Gemm make_gemm(const Weights& w, const Activations& a) {
+  if (a.K != w.K) fail("activations have K=" + std::to_string(a.K) + ", weights K=" + std::to_string(w.K));
   Gemm g{};
-  g.M = M;
-  g.K = K;
-  g.n_tokens = n;
-  g.q = checked<int8_t>(q, "q", {n, K});
-  g.tiles = checked<uint8_t>(tiles, "tiles", {(M + kTileRows - 1) / kTileRows, K / kChunkCols, kChunkBytes});
+  g.tiles = static_cast<const uint8_t*>(w.tiles.data());
+  g.M = w.M;
+  g.K = w.K;
+  g.q = static_cast<const int8_t*>(a.q.data());
+  g.n_tokens = a.n;
+  g.act_scale = static_cast<const float*>(a.scale.data());
+  g.act_sum = static_cast<const int32_t*>(a.row_sum.data());
+  g.row_scale = static_cast<const float*>(w.row_scale.data());
   return g;
 }
 
 void run_gemm(const Gemm& g, const KernelSet& ks, int n_threads) {
+  nb::gil_scoped_release release;
   const int64_t n_tiles = (g.M + kTileRows - 1) / kTileRows;
   parallel_for(n_threads, n_tiles, [&](int64_t begin, int64_t end) { ks.gemm_tiles(g, begin, end); });
 }
@@ -112,6 +148,17 @@ NB_MODULE(_native, m) {
     for (const KernelSet& k : available_kernels()) names.push_back(k.name);
     return names;
   }, "Kernel sets this CPU can run, best first.");
+
+  nb::class_<Weights>(m, "Weights", "A tiled ternary matrix [M, K]: tiles [ceil(M/16), K/16, 64], row_scale [M].")
+      .def(nb::init<const Input&, int64_t, const Input&>(), nb::arg("tiles"), nb::arg("M"), nb::arg("row_scale"))
+      .def_ro("M", &Weights::M)
+      .def_ro("K", &Weights::K);
+
+  nb::class_<Activations>(m, "Activations", "int8 activations of n tokens: q [n, K], scale [n], row_sum [n].")
+      .def(nb::init<const Input&, const Input&, const Input&>(), nb::arg("q"), nb::arg("scale"), nb::arg("row_sum"))
+      .def_prop_ro("q", [](const Activations& a) { return a.q; }, nb::rv_policy::reference)
+      .def_prop_ro("scale", [](const Activations& a) { return a.scale; }, nb::rv_policy::reference)
+      .def_prop_ro("row_sum", [](const Activations& a) { return a.row_sum; }, nb::rv_policy::reference);
 
   m.def("quantize", [](const Input& x, const std::string& isa, int n_threads) {
     const KernelSet& ks = kernels_named(isa);
@@ -134,42 +181,31 @@ NB_MODULE(_native, m) {
       });
     }
     if (!finite) fail("x: activations contain NaN or infinity");
-    return std::make_tuple(q, scale, sum);
+    return Activations(Input(q), Input(scale), Input(sum));
   }, nb::arg("x"), nb::arg("isa"), nb::arg("n_threads") = 1,
-  "Per-row int8 quantization of float32 x [tokens, K] -> (q, scale, row_sum).");
+  "Per-row int8 quantization of float32 x [tokens, K].");
 
-  m.def("gemm", [](const Input& tiles, int64_t M, const Input& row_scale, const Input& q,
-                   const Input& act_scale, const Input& act_sum, const std::string& isa, int n_threads) {
+  m.def("gemm", [](const Weights& w, const Activations& a, const std::string& isa, int n_threads) {
     const KernelSet& ks = kernels_named(isa);
     check_threads(n_threads);
-    Gemm g = checked_gemm(tiles, M, q);
-    g.row_scale = checked<float>(row_scale, "row_scale", {M});
-    g.act_scale = checked<float>(act_scale, "act_scale", {g.n_tokens});
-    g.act_sum = checked<int32_t>(act_sum, "act_sum", {g.n_tokens});
-    auto out = new_array<float>({size_t(g.n_tokens), size_t(M)});
+    Gemm g = make_gemm(w, a);
+    auto out = new_array<float>({size_t(a.n), size_t(w.M)});
     g.out = out.data();
-    {
-      nb::gil_scoped_release release;
-      run_gemm(g, ks, n_threads);
-    }
+    run_gemm(g, ks, n_threads);
     return out;
-  }, nb::arg("tiles"), nb::arg("M"), nb::arg("row_scale"), nb::arg("q"), nb::arg("act_scale"),
-  nb::arg("act_sum"), nb::arg("isa"), nb::arg("n_threads") = 1,
-  "y[n, m] = ((float)S - (float)act_sum) / act_scale * row_scale for tiled ternary weights.");
+  }, nb::arg("weights"), nb::arg("acts"), nb::arg("isa"), nb::arg("n_threads") = 1,
+  "y[n, m] = ((float)S - (float)row_sum) / scale * row_scale, S = sum_k code[m, k] * q[n, k].");
 
-  m.def("gemm_sums", [](const Input& tiles, int64_t M, const Input& q, const std::string& isa, int n_threads) {
+  m.def("gemm_sums", [](const Weights& w, const Activations& a, const std::string& isa, int n_threads) {
     const KernelSet& ks = kernels_named(isa);
     check_threads(n_threads);
-    Gemm g = checked_gemm(tiles, M, q);
-    auto sums = new_array<int32_t>({size_t(g.n_tokens), size_t(M)});
+    Gemm g = make_gemm(w, a);
+    auto sums = new_array<int32_t>({size_t(a.n), size_t(w.M)});
     g.sums = sums.data();
-    {
-      nb::gil_scoped_release release;
-      run_gemm(g, ks, n_threads);
-    }
+    run_gemm(g, ks, n_threads);
     return sums;
-  }, nb::arg("tiles"), nb::arg("M"), nb::arg("q"), nb::arg("isa"), nb::arg("n_threads") = 1,
-  "The integer sums S[n, m] = sum_k code[m, k] * q[n, k] of the same product.");
+  }, nb::arg("weights"), nb::arg("acts"), nb::arg("isa"), nb::arg("n_threads") = 1,
+  "The exact int32 sums S[n, m] behind gemm.");
 
   m.def("empty_streaming", [](size_t nbytes) {
     uint8_t* p = alloc_streaming(nbytes);

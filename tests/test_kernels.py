@@ -59,7 +59,7 @@ def check_product(isa, ternary, scale, x, n_threads=2):
     matrix = kernels.TernaryMatrix(ternary, scale)
     acts = kernels.quantize_activations(x, isa=isa)
     q, act_scale, row_sum = quant.quantize_activations(x)
-    np.testing.assert_array_equal(matrix.code_sums(acts.q, isa=isa, n_threads=n_threads),
+    np.testing.assert_array_equal(matrix.code_sums(acts, isa=isa, n_threads=n_threads),
                                   quant.code_sums(ternary, q))
     np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=n_threads),
                                   quant.ternary_matmul(ternary, matrix.scale, q, act_scale, row_sum))
@@ -90,8 +90,9 @@ def test_gemm_largest_sums_are_exact(isa, code, value):
     k, m = 16384, 5
     ternary = np.full((m, k), code - 1, np.int8)
     q = np.full((3, k), value, np.int8)
+    acts = kernels.Activations(q, np.ones(3, np.float32), q.sum(axis=1, dtype=np.int32))
     matrix = kernels.TernaryMatrix(ternary, 1.0)
-    sums = matrix.code_sums(q, isa=isa)
+    sums = matrix.code_sums(acts, isa=isa)
     np.testing.assert_array_equal(sums, quant.code_sums(ternary, q))
     assert sums[0, 0] == code * value * k  # 2 * 127 * 16384 = 4161536: no int16 anywhere
 
@@ -145,46 +146,59 @@ def test_matmul_operator_approximates_float_product(rng):
 
 @pytest.fixture
 def parts(rng):
-    ternary = random_ternary(rng, 32, 256)
-    matrix = kernels.TernaryMatrix(ternary, 1.0)
+    matrix = kernels.TernaryMatrix(random_ternary(rng, 32, 256), 1.0)
     acts = kernels.quantize_activations(rng.standard_normal((2, 256)).astype(np.float32))
     return matrix, acts
 
 
-def gemm_args(matrix, acts, **changes):
-    args = dict(tiles=matrix.tiles, M=32, row_scale=matrix.scale, q=acts.q, act_scale=acts.scale,
-                act_sum=acts.row_sum, isa=ISAS[0], n_threads=1)
-    args.update(changes)
-    return args
+@pytest.mark.parametrize("change,message", [
+    (lambda m: {"tiles": m.tiles.view(np.int8)}, "tiles: expected uint8, got int8"),
+    (lambda m: {"tiles": m.tiles[:1]}, "tiles: expected shape"),
+    (lambda m: {"tiles": m.tiles[:, :, :32]}, "tiles: expected shape"),
+    (lambda m: {"tiles": m.tiles[:, ::2]}, "C-contiguous"),
+    (lambda m: {"tiles": m.tiles[:, :10]}, "multiple of 128"),
+    (lambda m: {"tiles": m.tiles[0]}, "tiles: expected shape"),
+    (lambda m: {"row_scale": m.scale[:31]}, "row_scale: expected shape"),
+    (lambda m: {"row_scale": m.scale.astype(np.float64)}, "row_scale: expected float32"),
+    (lambda m: {"M": 0}, "M must be positive"),
+    (lambda m: {"M": 33}, "tiles: expected shape"),
+])
+def test_weights_reject_bad_arguments(parts, change, message):
+    matrix, _ = parts
+    args = dict(tiles=matrix.tiles, M=32, row_scale=matrix.scale)
+    with pytest.raises(ValueError, match=message):
+        _native.Weights(**(args | change(matrix)))
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda m, a: {"q": a.q.astype(np.int16)}, "q: expected int8, got int16"),
-    (lambda m, a: {"q": np.ascontiguousarray(a.q[:, :128])}, "tiles: expected shape"),
-    (lambda m, a: {"q": np.zeros((2, 200), np.int8)}, "multiple of 128"),
-    (lambda m, a: {"q": np.zeros((2, 512), np.int8)[:, ::2]}, "C-contiguous"),
-    (lambda m, a: {"q": a.q[0]}, "q: expected shape"),
-    (lambda m, a: {"tiles": m.tiles.astype(np.int8)}, "tiles: expected uint8"),
-    (lambda m, a: {"tiles": m.tiles[:1]}, "tiles: expected shape"),
-    (lambda m, a: {"row_scale": m.scale[:31]}, "row_scale: expected shape"),
-    (lambda m, a: {"row_scale": m.scale.astype(np.float64)}, "row_scale: expected float32"),
-    (lambda m, a: {"act_scale": a.scale[:1]}, "act_scale: expected shape"),
-    (lambda m, a: {"act_sum": a.row_sum.astype(np.int64)}, "act_sum: expected int32"),
-    (lambda m, a: {"M": 0}, "M must be positive"),
-    (lambda m, a: {"M": 33}, "tiles: expected shape"),
-    (lambda m, a: {"isa": "sse9"}, "not available on this CPU"),
-    (lambda m, a: {"n_threads": 0}, "n_threads"),
+    (lambda a: {"q": a.q.astype(np.int16)}, "q: expected int8, got int16"),
+    (lambda a: {"q": a.q[:, ::2]}, "C-contiguous"),
+    (lambda a: {"q": a.q[0]}, "q: expected shape"),
+    (lambda a: {"scale": a.scale[:1]}, "scale: expected shape"),
+    (lambda a: {"row_sum": a.row_sum.astype(np.int64)}, "row_sum: expected int32"),
 ])
-def test_gemm_rejects_bad_arguments(parts, change, message):
+def test_activations_reject_bad_arguments(parts, change, message):
+    _, acts = parts
+    args = dict(q=acts.q, scale=acts.scale, row_sum=acts.row_sum)
+    with pytest.raises(ValueError, match=message):
+        kernels.Activations(**(args | change(acts)))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda w, a: _native.gemm(w, _native.quantize(np.ones((1, 128), np.float32), ISAS[0]), ISAS[0]),
+     "activations have K=128, weights K=256"),
+    (lambda w, a: _native.gemm(w, a, "sse9"), "not available on this CPU"),
+    (lambda w, a: _native.gemm_sums(w, a, ISAS[0], 0), "n_threads"),
+])
+def test_gemm_rejects_mismatches(parts, call, message):
     matrix, acts = parts
     with pytest.raises(ValueError, match=message):
-        _native.gemm(**gemm_args(matrix, acts, **change(matrix, acts)))
+        call(matrix._weights, acts)
 
 
-def test_gemm_sums_rejects_huge_k():
-    q = np.zeros((1, 128 * 4096), np.int8)
+def test_weights_reject_huge_k():
     with pytest.raises(ValueError, match="K must be at most"):
-        _native.gemm_sums(np.zeros((1, 32768, 64), np.uint8), 16, q, ISAS[0])
+        _native.Weights(np.zeros((1, 32768, 64), np.uint8), 16, np.ones(16, np.float32))
 
 
 @pytest.mark.parametrize("x,message", [

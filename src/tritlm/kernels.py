@@ -12,8 +12,6 @@ environment variable) and `n_threads` (default: every CPU this process may use).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import numpy as np
 
 from . import _native
@@ -33,23 +31,18 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@dataclass(frozen=True)
-class QuantizedActivations:
-    """Per-token int8 activations: q [tokens, K], scale [tokens], row_sum [tokens] = sum(q)."""
-
-    q: np.ndarray
-    scale: np.ndarray
-    row_sum: np.ndarray
+# Per-token int8 activations, checked once when made: .q [tokens, K], .scale [tokens] and
+# .row_sum [tokens] = sum(q). Made by quantize_activations, or from arrays by the constructor.
+Activations = _native.Activations
 
 
 def quantize_activations(x: np.ndarray, *, isa: str | None = None,
-                         n_threads: int | None = None) -> QuantizedActivations:
+                         n_threads: int | None = None) -> Activations:
     """Quantize float32 activations [tokens, K] (or one token [K]) to int8, row by row."""
     x = np.asarray(x)
     if x.ndim == 1:
         x = x[None]
-    q, scale, row_sum = _native.quantize(x, isa or default_isa(), n_threads or default_threads())
-    return QuantizedActivations(q, scale, row_sum)
+    return _native.quantize(x, isa or default_isa(), n_threads or default_threads())
 
 
 class TernaryMatrix:
@@ -64,6 +57,7 @@ class TernaryMatrix:
         self.tiles = _native.empty_streaming(tiles.nbytes).reshape(tiles.shape)
         self.tiles[...] = tiles
         self.scale = np.array(layouts.row_scales(scale, self.shape[0]))
+        self._weights = _native.Weights(self.tiles, self.shape[0], self.scale)
 
     @classmethod
     def from_layout(cls, layout: str, data: np.ndarray, shape) -> TernaryMatrix:
@@ -86,14 +80,13 @@ class TernaryMatrix:
         """y = W x for float32 activations [tokens, K]: quantize, then `matmul`."""
         return self.matmul(quantize_activations(x))
 
-    def matmul(self, acts: QuantizedActivations, *, isa: str | None = None,
+    def matmul(self, acts: Activations, *, isa: str | None = None,
                n_threads: int | None = None) -> np.ndarray:
         """float32 [tokens, M] = ((float)S - (float)row_sum) / act_scale * scale, S = sum code * q."""
-        return _native.gemm(self.tiles, self.shape[0], self.scale, acts.q, acts.scale, acts.row_sum,
-                            isa or default_isa(), n_threads or default_threads())
+        return _native.gemm(self._weights, acts, isa or default_isa(), n_threads or default_threads())
 
-    def code_sums(self, q: np.ndarray, *, isa: str | None = None,
+    def code_sums(self, acts: Activations, *, isa: str | None = None,
                   n_threads: int | None = None) -> np.ndarray:
         """The exact int32 sums S[n, m] = sum_k code[m, k] * q[n, k] behind `matmul`."""
-        return _native.gemm_sums(self.tiles, self.shape[0], q, isa or default_isa(),
+        return _native.gemm_sums(self._weights, acts, isa or default_isa(),
                                  n_threads or default_threads())

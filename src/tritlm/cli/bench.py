@@ -1,0 +1,52 @@
+"""`tritlm bench kernels`: kernel throughput next to the machine's read bandwidth."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
+    p = targets.add_parser(
+        "kernels", help="GEMV GB/s and GEMM GMAC/s at the 2B4T shapes, beside read bandwidth",
+        description="Streams ternary weights (GEMV, one token) and multiplies them by a batch "
+                    "of tokens (GEMM) at the BitNet-b1.58-2B-4T shapes, and prints each next to "
+                    "the read bandwidth this run measures. Best of --repeats passes.")
+    p.add_argument("-t", "--threads", type=int, nargs="+", default=None,
+                   help="thread counts to run (default: 1 and every available core)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per GEMM (default 128)")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="MxK",
+                   help="weight shapes out x in (default: the four 2B4T shapes)")
+    p.add_argument("--stream-mib", type=int, default=1024,
+                   help="MiB streamed per GEMV pass and read probe; keep it well above L3 (default 1024)")
+    p.add_argument("-r", "--repeats", type=int, default=5, help="passes per measurement (default 5)")
+    p.add_argument("--isa", default=None, help="kernel set (default: the best this CPU runs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    p.set_defaults(func=run)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        m, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape {text!r} is not MxK, e.g. 2560x6912") from None
+    if m < 1 or k < 128 or k % 128:
+        raise ValueError(f"shape {text!r}: M must be positive and K a positive multiple of 128")
+    return m, k
+
+
+def run(args) -> int:
+    from ..bench import kernels as harness
+    from ..kernels import default_isa, default_threads
+
+    threads = tuple(args.threads or sorted({1, default_threads()}))
+    if min(threads) < 1 or args.tokens < 1 or args.repeats < 1 or args.stream_mib < 1:
+        raise ValueError("threads, tokens, repeats and stream size must be positive")
+    shapes = tuple(_shape(s) for s in args.shapes) if args.shapes else harness.SHAPES_2B4T
+    isa = args.isa or default_isa()
+    rows = harness.run(shapes=shapes, threads=threads, tokens=args.tokens,
+                       stream_bytes=args.stream_mib << 20, repeats=args.repeats, isa=isa)
+    print(json.dumps({"isa": isa, "rows": harness.as_dicts(rows)}, indent=1) if args.json
+          else harness.markdown(rows, isa))
+    return 0
