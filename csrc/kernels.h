@@ -63,4 +63,24 @@ static inline float rescale(int32_t sum, int32_t act_sum, float act_scale, float
   return (float(sum) - float(act_sum)) / act_scale * row_scale;
 }
 
+// Decode streams weights from DRAM, and the hardware prefetcher alone keeps too few lines in
+// flight. A near prefetch into L1 plus a far one into L2 (which does not hold an L1 fill buffer
+// for the whole trip) took one AVX-512 core from 8.9 to 15.5 GB/s, of 17.5 for a plain read.
+constexpr int64_t kNearPrefetch = 1024, kFarPrefetch = 8192;
+
+// Prefetches stop at `last`, the final line of this thread's slice: past it lie another
+// thread's weights.
+static inline void prefetch_ahead(const uint8_t* line, const uint8_t* last) {
+  const uint8_t* near = line + kNearPrefetch;
+  const uint8_t* far = line + kFarPrefetch;
+  __builtin_prefetch(near < last ? near : last, 0, 3);  // into L1
+  __builtin_prefetch(far < last ? far : last, 0, 1);    // into L2
+}
+
+// A slice starts with nothing in flight: ask for its first lines at once.
+static inline void prefetch_start(const uint8_t* first, const uint8_t* last) {
+  for (const uint8_t* p = first; p <= last && p < first + kFarPrefetch; p += kChunkBytes)
+    __builtin_prefetch(p, 0, 1);
+}
+
 }  // namespace tritlm

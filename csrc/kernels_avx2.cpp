@@ -38,45 +38,71 @@ inline void store_tile(const Gemm& g, int64_t tile, int64_t t, __m256i lo, __m25
   }
 }
 
-constexpr int kBlock = 4;  // tokens per pass: 2 halves x 4 tokens of accumulators fit 16 ymm
+// Codes x activations of one half chunk (8 rows x 16 columns), summed per row into int32.
+inline __m256i half_chunk(__m256i x, __m256i b0, __m256i b1, __m256i b2, __m256i b3) {
+  const __m256i m = _mm256_set1_epi8(0x03);
+  const __m256i p0 = _mm256_and_si256(x, m);
+  const __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(x, 2), m);
+  const __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m);
+  const __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(x, 6), m);
+  const __m256i pairs = _mm256_add_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(p0, b0), _mm256_maddubs_epi16(p1, b1)),
+      _mm256_add_epi16(_mm256_maddubs_epi16(p2, b2), _mm256_maddubs_epi16(p3, b3)));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
 
-template <int T>
-void tile_tokens(const Gemm& g, int64_t tile, int64_t t0) {
+// One token (decode): the activations of a chunk are broadcast once for both halves, and the
+// weights are prefetched ahead.
+void tile_one_token(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
   const int64_t chunks = g.K / kChunkCols;
   const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
   const int8_t* q = g.q + t0 * g.K;
-  const __m256i m = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
+  __m256i lo = _mm256_setzero_si256(), hi = lo;
+  for (int64_t s = 0; s < chunks; ++s, w += kChunkBytes, q += kChunkCols) {
+    prefetch_ahead(w, last);
+    const __m256i b0 = broadcast4(q), b1 = broadcast4(q + 4), b2 = broadcast4(q + 8), b3 = broadcast4(q + 12);
+    lo = _mm256_add_epi32(lo, half_chunk(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), b0, b1, b2, b3));
+    hi = _mm256_add_epi32(hi, half_chunk(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32)), b0, b1, b2, b3));
+  }
+  store_tile(g, tile, t0, lo, hi);
+}
+
+constexpr int kBlock = 4;  // tokens per pass: 2 halves x 4 tokens of accumulators fit 16 ymm
+
+template <int T>
+void tile_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
+  const int64_t chunks = g.K / kChunkCols;
+  const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
+  const int8_t* q = g.q + t0 * g.K;
   __m256i acc[2][T];
   for (int h = 0; h < 2; ++h)
     for (int t = 0; t < T; ++t) acc[h][t] = _mm256_setzero_si256();
   for (int64_t s = 0; s < chunks; ++s) {
+    prefetch_ahead(w + s * kChunkBytes, last);
     for (int h = 0; h < 2; ++h) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * kChunkBytes + 32 * h));
-      const __m256i p0 = _mm256_and_si256(x, m);
-      const __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(x, 2), m);
-      const __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m);
-      const __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(x, 6), m);
       for (int t = 0; t < T; ++t) {
         const int8_t* qs = q + t * g.K + s * kChunkCols;
-        const __m256i pairs = _mm256_add_epi16(
-            _mm256_add_epi16(_mm256_maddubs_epi16(p0, broadcast4(qs)), _mm256_maddubs_epi16(p1, broadcast4(qs + 4))),
-            _mm256_add_epi16(_mm256_maddubs_epi16(p2, broadcast4(qs + 8)), _mm256_maddubs_epi16(p3, broadcast4(qs + 12))));
-        acc[h][t] = _mm256_add_epi32(acc[h][t], _mm256_madd_epi16(pairs, ones));
+        acc[h][t] = _mm256_add_epi32(acc[h][t], half_chunk(x, broadcast4(qs), broadcast4(qs + 4),
+                                                           broadcast4(qs + 8), broadcast4(qs + 12)));
       }
     }
   }
   for (int t = 0; t < T; ++t) store_tile(g, tile, t0 + t, acc[0][t], acc[1][t]);
 }
 
-using TileFn = void (*)(const Gemm&, int64_t, int64_t);
-constexpr TileFn kTileFns[kBlock + 1] = {nullptr, tile_tokens<1>, tile_tokens<2>, tile_tokens<3>,
+using TileFn = void (*)(const Gemm&, int64_t, int64_t, const uint8_t*);
+constexpr TileFn kTileFns[kBlock + 1] = {nullptr, tile_one_token, tile_tokens<2>, tile_tokens<3>,
                                          tile_tokens<4>};
 
 void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
+  const int64_t tile_bytes = g.K / kChunkCols * kChunkBytes;
+  const uint8_t* last = g.tiles + tile_end * tile_bytes - kChunkBytes;
+  if (g.n_tokens <= kBlock) prefetch_start(g.tiles + tile_begin * tile_bytes, last);
   for (int64_t tile = tile_begin; tile < tile_end; ++tile)
     for (int64_t t0 = 0; t0 < g.n_tokens; t0 += kBlock) {
       const int64_t block = g.n_tokens - t0 < kBlock ? g.n_tokens - t0 : kBlock;
-      kTileFns[block](g, tile, t0);
+      kTileFns[block](g, tile, t0, last);
     }
 }
 

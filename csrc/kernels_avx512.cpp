@@ -40,25 +40,6 @@ inline void store_tile(const Gemm& g, int64_t tile, int64_t t, __m512i sums) {
 // masked in place (code << 2p) into its own accumulator, which removes the shifts from the loop
 // and gives 4 independent dependency chains; acc_p is an exact multiple of 4^p, so shifting it
 // back at the end is exact.
-// Decode streams weights from DRAM, and the hardware prefetcher alone keeps too few lines in
-// flight. A near prefetch into L1 plus a far one into L2 (which does not hold an L1 fill buffer
-// for the whole trip) took one core from 8.9 to 15.5 GB/s, of 17.5 for a plain read.
-constexpr int64_t kNearPrefetch = 1024, kFarPrefetch = 8192;
-
-// Prefetches stop at the end of this thread's slice: past it lie another thread's weights.
-inline void prefetch_ahead(const uint8_t* line, const uint8_t* last) {
-  const uint8_t* near = line + kNearPrefetch;
-  const uint8_t* far = line + kFarPrefetch;
-  _mm_prefetch(reinterpret_cast<const char*>(near < last ? near : last), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(far < last ? far : last), _MM_HINT_T2);
-}
-
-// A slice starts with nothing in flight: ask for its first lines at once.
-inline void prefetch_start(const uint8_t* first, const uint8_t* last) {
-  for (const uint8_t* p = first; p <= last && p < first + kFarPrefetch; p += kChunkBytes)
-    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T2);
-}
-
 template <int T>
 void tile_few_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
   const int64_t chunks = g.K / kChunkCols;
