@@ -230,3 +230,36 @@ def test_read_probe_reads_whole_buffer():
     buffer = _native.empty_streaming(1 << 20)
     assert buffer.ctypes.data % (2 << 20) == 0
     assert _native.read_seconds(buffer, ISAS[0], 2) > 0
+
+
+# ------------------------------------------------------------------------------- threads
+
+def test_concurrent_callers_get_exact_results(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    matrices = [random_ternary(rng, 100 + 16 * i, 512) for i in range(4)]
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    q, act_scale, row_sum = quant.quantize_activations(x)
+    expected = [quant.ternary_matmul(t, np.float32(1), q, act_scale, row_sum) for t in matrices]
+
+    def work(i):
+        matrix = kernels.TernaryMatrix(matrices[i], 1.0)
+        return all(np.array_equal(matrix.matmul(kernels.quantize_activations(x), n_threads=2), expected[i])
+                   for _ in range(50))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+
+
+def test_kernels_release_the_gil(rng):
+    import threading
+
+    matrix = kernels.TernaryMatrix(random_ternary(rng, 2048, 4096), 1.0)
+    acts = kernels.quantize_activations(rng.standard_normal((16, 4096)).astype(np.float32))
+    worker = threading.Thread(target=matrix.matmul, args=(acts,), kwargs={"isa": "portable", "n_threads": 1})
+    ticks = 0
+    worker.start()
+    while worker.is_alive():  # the portable kernel runs for ~0.1 s: Python must go on meanwhile
+        ticks += 1
+    worker.join()
+    assert ticks > 1000
