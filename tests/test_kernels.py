@@ -253,13 +253,22 @@ def test_concurrent_callers_get_exact_results(rng):
 
 def test_kernels_release_the_gil(rng):
     import threading
+    import time
 
     matrix = kernels.TernaryMatrix(random_ternary(rng, 2048, 4096), 1.0)
     acts = kernels.quantize_activations(rng.standard_normal((16, 4096)).astype(np.float32))
-    worker = threading.Thread(target=matrix.matmul, args=(acts,), kwargs={"isa": "portable", "n_threads": 1})
-    ticks = 0
+    window = []
+
+    def call():  # the portable kernel runs ~0.1 s
+        start = time.perf_counter()
+        matrix.matmul(acts, isa="portable", n_threads=1)
+        window.extend([start, time.perf_counter()])
+
+    worker = threading.Thread(target=call)
+    ticks = []
     worker.start()
-    while worker.is_alive():  # the portable kernel runs for ~0.1 s: Python must go on meanwhile
-        ticks += 1
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
     worker.join()
-    assert ticks > 1000
+    start, end = window
+    assert sum(start < t < end for t in ticks) > 1000  # Python ran while the kernel did
