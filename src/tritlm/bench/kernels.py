@@ -49,7 +49,7 @@ def read_bandwidth(buffer: np.ndarray, threads: int, isa: str, repeats: int) -> 
 
 
 def run(shapes=SHAPES_2B4T, threads=(1, 2), tokens: int = 128, stream_bytes: int = 1 << 30,
-        repeats: int = 5, isa: str | None = None, seed: int = 0) -> list[Row]:
+        repeats: int = 7, isa: str | None = None, seed: int = 0) -> list[Row]:
     isa = isa or kernels.default_isa()
     rng = np.random.default_rng(seed)
     rows: list[Row] = []

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
                    help="weight shapes out x in (default: the four 2B4T shapes)")
     p.add_argument("--stream-mib", type=int, default=1024,
                    help="MiB streamed per GEMV pass and read probe; keep it well above L3 (default 1024)")
-    p.add_argument("-r", "--repeats", type=int, default=5, help="passes per measurement (default 5)")
+    p.add_argument("-r", "--repeats", type=int, default=7, help="passes per measurement, best kept (default 7)")
     p.add_argument("--isa", default=None, help="kernel set (default: the best this CPU runs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     p.set_defaults(func=run)
