@@ -83,4 +83,20 @@ static inline void prefetch_start(const uint8_t* first, const uint8_t* last) {
     __builtin_prefetch(p, 0, 1);
 }
 
+// Computes tiles [tile_begin, tile_end) for every token, in blocks of at most max_block tokens;
+// block_kernels[b] handles a block of b tokens. Decode-sized calls prime the slice first.
+using BlockKernel = void (*)(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last);
+
+static inline void gemm_blocks(const Gemm& g, int64_t tile_begin, int64_t tile_end,
+                               const BlockKernel* block_kernels, int64_t max_block) {
+  const int64_t tile_bytes = g.K / kChunkCols * kChunkBytes;
+  const uint8_t* last = g.tiles + tile_end * tile_bytes - kChunkBytes;
+  if (g.n_tokens <= 4) prefetch_start(g.tiles + tile_begin * tile_bytes, last);
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile)
+    for (int64_t t0 = 0; t0 < g.n_tokens; t0 += max_block) {
+      const int64_t block = g.n_tokens - t0 < max_block ? g.n_tokens - t0 : max_block;
+      block_kernels[block](g, tile, t0, last);
+    }
+}
+
 }  // namespace tritlm

@@ -91,19 +91,11 @@ void tile_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
   for (int t = 0; t < T; ++t) store_tile(g, tile, t0 + t, acc[0][t], acc[1][t]);
 }
 
-using TileFn = void (*)(const Gemm&, int64_t, int64_t, const uint8_t*);
-constexpr TileFn kTileFns[kBlock + 1] = {nullptr, tile_one_token, tile_tokens<2>, tile_tokens<3>,
-                                         tile_tokens<4>};
+constexpr BlockKernel kBlockKernels[kBlock + 1] = {nullptr, tile_one_token, tile_tokens<2>,
+                                                   tile_tokens<3>, tile_tokens<4>};
 
 void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
-  const int64_t tile_bytes = g.K / kChunkCols * kChunkBytes;
-  const uint8_t* last = g.tiles + tile_end * tile_bytes - kChunkBytes;
-  if (g.n_tokens <= kBlock) prefetch_start(g.tiles + tile_begin * tile_bytes, last);
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile)
-    for (int64_t t0 = 0; t0 < g.n_tokens; t0 += kBlock) {
-      const int64_t block = g.n_tokens - t0 < kBlock ? g.n_tokens - t0 : kBlock;
-      kTileFns[block](g, tile, t0, last);
-    }
+  gemm_blocks(g, tile_begin, tile_end, kBlockKernels, kBlock);
 }
 
 bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {

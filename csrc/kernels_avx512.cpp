@@ -140,24 +140,15 @@ void tile_one_token(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last
 }
 
 constexpr int kMaxBlock = 16;
-using TileFn = void (*)(const Gemm&, int64_t, int64_t, const uint8_t*);
-constexpr TileFn kTileFns[kMaxBlock + 1] = {
-    nullptr,                 tile_one_token,   tile_few_tokens<2>,   tile_few_tokens<3>,
+constexpr BlockKernel kBlockKernels[kMaxBlock + 1] = {
+    nullptr,                 tile_one_token,       tile_few_tokens<2>,   tile_few_tokens<3>,
     tile_few_tokens<4>,      tile_many_tokens<5>,  tile_many_tokens<6>,  tile_many_tokens<7>,
     tile_many_tokens<8>,     tile_many_tokens<9>,  tile_many_tokens<10>, tile_many_tokens<11>,
     tile_many_tokens<12>,    tile_many_tokens<13>, tile_many_tokens<14>, tile_many_tokens<15>,
     tile_many_tokens<16>};
 
 void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
-  const int64_t tile_bytes = g.K / kChunkCols * kChunkBytes;
-  const uint8_t* first = g.tiles + tile_begin * tile_bytes;
-  const uint8_t* last = g.tiles + tile_end * tile_bytes - kChunkBytes;
-  if (g.n_tokens <= 4) prefetch_start(first, last);
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile)
-    for (int64_t t0 = 0; t0 < g.n_tokens; t0 += kMaxBlock) {
-      const int64_t block = g.n_tokens - t0 < kMaxBlock ? g.n_tokens - t0 : kMaxBlock;
-      kTileFns[block](g, tile, t0, last);
-    }
+  gemm_blocks(g, tile_begin, tile_end, kBlockKernels, kMaxBlock);
 }
 
 bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
