@@ -220,6 +220,17 @@ def test_matrix_rejects_bad_weights():
         kernels.TernaryMatrix.from_layout("Q4_0", np.zeros(10, np.uint8), (1, 128))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_from_environment(monkeypatch, rng, isa):
+    monkeypatch.setenv("TRITLM_ISA", isa)
+    assert kernels.default_isa() == isa
+    ternary = random_ternary(rng, 20, 256)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    q, scale, row_sum = quant.quantize_activations(x)
+    np.testing.assert_array_equal(kernels.TernaryMatrix(ternary, 1.0) @ x,
+                                  quant.ternary_matmul(ternary, np.float32(1), q, scale, row_sum))
+
+
 def test_unknown_isa_from_environment(monkeypatch):
     monkeypatch.setenv("TRITLM_ISA", "neon-on-x86")
     with pytest.raises(ValueError, match="TRITLM_ISA"):

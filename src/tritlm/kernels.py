@@ -12,6 +12,7 @@ environment variable) and `n_threads` (default: every CPU this process may use).
 from __future__ import annotations
 
 import os
+
 import numpy as np
 
 from . import _native
@@ -77,7 +78,7 @@ class TernaryMatrix:
         return self.tiles.nbytes
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        """y = W x for float32 activations [tokens, K]: quantize, then `matmul`."""
+        """`matrix @ x` = x Wᵀ for float32 activations x [tokens, K]: quantize, then `matmul`."""
         return self.matmul(quantize_activations(x))
 
     def matmul(self, acts: Activations, *, isa: str | None = None,
