@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench
+from . import bench, info, run
 
-SUBCOMMANDS = (bench,)
+SUBCOMMANDS = (run, info, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

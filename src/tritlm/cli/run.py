@@ -1,0 +1,64 @@
+"""`tritlm run`: generate from a prompt, or chat (-cnv), with bitnet.cpp's run_inference.py flags."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="generate text from a prompt, or chat with -cnv",
+        description="Generate a continuation of a prompt, printing tokens as they come, then "
+                    "the prompt and generation speed. With -cnv, -p is the system prompt and "
+                    "the session is an interactive chat (end it with Ctrl-D or an empty line).")
+    p.add_argument("-m", "--model", required=True, help="GGUF file or Hugging Face model directory")
+    p.add_argument("-p", "--prompt", default="", help="prompt (with -cnv: the system prompt)")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
+    p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="random seed (same seed, same text)")
+    p.add_argument("-cnv", "--conversation", action="store_true", help="chat mode")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..api import LLM
+
+    if args.n_predict < 1:
+        raise ValueError("-n must be at least 1")
+    llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
+    sampling = dict(temperature=args.temperature, seed=args.seed)
+    if not args.conversation:
+        if not args.prompt:
+            raise ValueError("give a prompt with -p (or chat with -cnv)")
+        print(args.prompt, end="", flush=True)
+        for piece in llm.stream(args.prompt, max_tokens=args.n_predict, **sampling):
+            print(piece, end="", flush=True)
+        print()
+        report(llm.timings)
+        return 0
+    messages = [{"role": "system", "content": args.prompt}] if args.prompt else []
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if not user.strip():
+            return 0
+        messages.append({"role": "user", "content": user})
+        reply = ""
+        for piece in llm.stream(llm.chat_prompt(messages), max_tokens=args.n_predict, **sampling):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def report(t: dict) -> None:
+    """Speeds to stderr, so stdout holds only the text."""
+    prefill = t["prefill_tokens"] / t["prefill_seconds"] if t["prefill_seconds"] else 0.0
+    decode = (t["generated_tokens"] - 1) / t["decode_seconds"] if t["generated_tokens"] > 1 else 0.0
+    print(f"\nprompt: {t['prompt_tokens']} tokens ({t['prefill_tokens']} computed) at {prefill:.1f} tokens/s"
+          f" | generated: {t['generated_tokens']} tokens at {decode:.1f} tokens/s", file=sys.stderr)

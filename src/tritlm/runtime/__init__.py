@@ -1,0 +1,3 @@
+from .engine import Engine, Sequence
+
+__all__ = ["Engine", "Sequence"]
