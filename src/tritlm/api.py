@@ -1,0 +1,196 @@
+"""`tritlm.LLM`: load a model, generate, chat; shaped like llama-cpp-python's `Llama`."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+
+from . import chat
+from .generation import TextStream
+from .models import loader
+from .runtime import Engine
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+
+class LLM:
+    """A ternary model ready to generate.
+
+    model_path: a GGUF file or a Hugging Face model directory. n_ctx: context length (default:
+    the model's, at most 4096). n_threads: default every core. kv_type: "f16" or "f32".
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int | None = None,
+                 n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256):
+        config, tensors, metadata = loader.load(model_path)
+        self.model_path = os.fspath(model_path)
+        self.model_name = os.path.basename(self.model_path.rstrip("/"))
+        self.config = config
+        self.metadata = metadata
+        self.tokenizer = (Tokenizer.from_hf(model_path) if os.path.isdir(model_path)
+                          else Tokenizer.from_gguf(metadata))
+        self.engine = Engine(config, tensors, n_ctx=n_ctx or min(config.context_length, 4096),
+                             n_threads=n_threads, kv_type=kv_type, prefill_chunk=prefill_chunk)
+        self.n_ctx = self.engine.n_ctx
+        self._sequence = self.engine.new_sequence()
+        self._cached: list[int] = []  # the tokens whose keys and values the sequence holds
+        self.timings: dict = {}  # of the last generation: prompt/prefill/generated tokens and seconds
+
+    # ------------------------------------------------------------------------------- tokens
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """float32 [len(tokens), vocab]: the logits after every token, from position 0."""
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        sequence = self.engine.new_sequence(n_ctx=max(1, len(tokens)))
+        return self.engine.forward([(sequence, list(tokens))], all_logits=True)[0]
+
+    # --------------------------------------------------------------------------- generation
+
+    def stream(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
+               **sampling) -> Iterator[str]:
+        """The completion of `prompt` (text, or token ids), piece by piece as it is generated."""
+        yield from self._pieces(prompt, max_tokens, stop, SamplingParams(**sampling))
+
+    def generate(self, prompt: str | list[int], *, max_tokens: int = 256,
+                 stop: list[str] | None = None, **sampling) -> str:
+        return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, **sampling))
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):  # a chat prompt may carry its own BOS already
+            bos = self._token_text(self.tokenizer.bos_id)
+            ids = self.tokenize(prompt, add_bos=not (bos and prompt.startswith(bos)), special=True)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.n_ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
+                             "(load the model with a larger n_ctx, or shorten the prompt)")
+        return ids
+
+    def _pieces(self, prompt, max_tokens: int, stop, params: SamplingParams,
+                stream: TextStream | None = None) -> Iterator[str]:
+        ids = self._prompt_ids(prompt)
+        stream = stream or TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
+        sampler = Sampler(params)
+        start = time.perf_counter()
+        logits = self._prefill(ids)
+        self.timings = {"prompt_tokens": len(ids), "prefill_tokens": self._last_fed,
+                        "prefill_seconds": time.perf_counter() - start, "generated_tokens": 0,
+                        "decode_seconds": 0.0}
+        start = time.perf_counter()
+        context = list(ids)
+        while True:
+            token = sampler(logits, context)
+            context.append(token)
+            self.timings["generated_tokens"] += 1
+            self.timings["decode_seconds"] = time.perf_counter() - start
+            text = stream.push(token)
+            if text:
+                yield text
+            if stream.finish_reason:
+                return stream
+            if self._sequence.position >= self.n_ctx:
+                text = stream.finish("length")
+                if text:
+                    yield text
+                return stream
+            logits = self._feed([token])
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Logits after `ids`, reusing the longest prefix already in the cache."""
+        common = 0
+        for a, b in zip(self._cached, ids[:-1]):  # at least one token must run, for its logits
+            if a != b:
+                break
+            common += 1
+        self._sequence.truncate(common)
+        del self._cached[common:]
+        return self._feed(ids[common:])
+
+    def _feed(self, ids: list[int]) -> np.ndarray:
+        logits = self.engine.forward([(self._sequence, ids)])[0][-1]
+        self._cached.extend(ids)
+        self._last_fed = len(ids)
+        return logits
+
+    # ---------------------------------------------------------------- OpenAI-shaped results
+
+    def create_completion(self, prompt: str | list[int], *, max_tokens: int | None = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40,
+                          min_p: float = 0.05, repeat_penalty: float = 1.0,
+                          presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                          stop: str | list[str] | None = None, seed: int | None = None,
+                          stream: bool = False):
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, seed=seed)
+        return self._openai(prompt, max_tokens, stop, params, stream, chat=False)
+
+    __call__ = create_completion
+
+    def create_chat_completion(self, messages: list[dict], *, max_tokens: int | None = None,
+                               temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, repeat_penalty: float = 1.0,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               stop: str | list[str] | None = None, seed: int | None = None,
+                               stream: bool = False):
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, seed=seed)
+        return self._openai(self.chat_prompt(messages), max_tokens, stop, params, stream, chat=True)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt text of a conversation, in the model's chat format."""
+        return chat.format_chat(messages, self.tokenizer.chat_template,
+                                bos_token=self._token_text(self.tokenizer.bos_id),
+                                eos_token=self._token_text(self.tokenizer.eos_id),
+                                model_hint=self.config.arch)
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.tokenizer.token_text(token_id)
+
+    def _openai(self, prompt, max_tokens, stop, params, stream: bool, chat: bool):
+        ids = self._prompt_ids(prompt)
+        budget = self.n_ctx - len(ids)
+        max_tokens = budget if max_tokens is None or max_tokens <= 0 else min(max_tokens, budget)
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.model_name}
+        text_stream = TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
+        pieces = self._pieces(ids, max_tokens, stop, params, stream=text_stream)
+        usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": len(text_stream.tokens),  # noqa: E731
+                         "total_tokens": len(ids) + len(text_stream.tokens)}
+        if not stream:
+            text = "".join(pieces)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
+                      else {"index": 0, "text": text, "logprobs": None})
+            return head | {"object": kind, "choices": [choice | {"finish_reason": text_stream.finish_reason}],
+                           "usage": usage()}
+
+        def chunks():
+            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+            if chat:
+                yield head | {"object": chunk_kind, "choices": [
+                    {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+            for piece in pieces:
+                body = {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
+                yield head | {"object": chunk_kind, "choices": [{"index": 0, **body, "finish_reason": None}]}
+            last = {"delta": {}} if chat else {"text": "", "logprobs": None}
+            yield head | {"object": chunk_kind, "choices": [
+                {"index": 0, **last, "finish_reason": text_stream.finish_reason}], "usage": usage()}
+
+        return chunks()
