@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "dispatch.h"
 #include "memory.h"
 #include "threadpool.h"
@@ -20,68 +21,21 @@ using namespace tritlm;
 
 namespace {
 
-using Input = nb::ndarray<nb::ro>;
+using namespace tritlm::checks;
 using Held = nb::ndarray<nb::numpy, nb::ro>;  // an argument kept alive, shown to Python as NumPy
-constexpr int64_t kAny = -1;
 constexpr int64_t kMaxK = int64_t(1) << 18;  // keeps every int32 accumulator far from overflow
 
-[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
-
-std::string dtype_name(nb::dlpack::dtype t) {
-  const char* kind = t.code == uint8_t(nb::dlpack::dtype_code::Int)     ? "int"
-                     : t.code == uint8_t(nb::dlpack::dtype_code::UInt)  ? "uint"
-                     : t.code == uint8_t(nb::dlpack::dtype_code::Float) ? "float"
-                     : t.code == uint8_t(nb::dlpack::dtype_code::Bfloat) ? "bfloat"
-                                                                         : "other";
-  return kind + std::to_string(t.bits);
+template <class T, class Array>
+const T* checked(const Array& a, const char* name, std::vector<int64_t> shape) {
+  return static_cast<const T*>(check(a, name, {nb::dtype<T>()}, std::move(shape)));
 }
 
 template <class Array>
-std::string shape_str(const Array& a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-// Checks dtype, rank, the dimensions given (kAny matches anything), device and C-contiguity.
-template <class T, class Array>
-const T* checked(const Array& a, const char* name, std::vector<int64_t> shape) {
-  if (a.device_type() != nb::device::cpu::value) fail(std::string(name) + ": must be in CPU memory");
-  if (a.dtype() != nb::dtype<T>())
-    fail(std::string(name) + ": expected " + dtype_name(nb::dtype<T>()) + ", got " + dtype_name(a.dtype()));
-  bool ok = a.ndim() == shape.size();
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] == kAny || int64_t(a.shape(i)) == shape[i];
-  if (!ok) {
-    std::string want = "(";
-    for (size_t i = 0; i < shape.size(); ++i)
-      want += (i ? ", " : "") + (shape[i] == kAny ? std::string("*") : std::to_string(shape[i]));
-    fail(std::string(name) + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") +
-         ", got " + shape_str(a));
-  }
-  int64_t stride = 1;
-  for (size_t i = a.ndim(); i-- > 0;) {
-    if (a.shape(i) != 1 && a.stride(i) != stride) fail(std::string(name) + ": must be C-contiguous");
-    stride *= int64_t(a.shape(i));
-  }
-  return static_cast<const T*>(a.data());
-}
-
-template <class T>
-nb::ndarray<nb::numpy, T> new_array(std::vector<size_t> shape) {
-  size_t n = 1;
-  for (size_t d : shape) n *= d;
-  T* data = new T[n ? n : 1];
-  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
-  return nb::ndarray<nb::numpy, T>(data, shape.size(), shape.data(), owner);
-}
+std::string shape_str(const Array& a) { return dims_str(dims_of(a)); }
 
 void check_k(int64_t K) {
   if (K % 128 || K <= 0) fail("K (the row length) must be a positive multiple of 128, got " + std::to_string(K));
   if (K > kMaxK) fail("K must be at most " + std::to_string(kMaxK) + ", got " + std::to_string(K));
-}
-
-void check_threads(int n_threads) {
-  if (n_threads < 1 || n_threads > 1024) fail("n_threads must be between 1 and 1024, got " + std::to_string(n_threads));
 }
 
 // A tiled ternary matrix, checked once when built; matmul calls then pass only this handle.
@@ -135,6 +89,11 @@ void run_gemm(const Gemm& g, const KernelSet& ks, int n_threads) {
 }
 
 }  // namespace
+
+void register_ops(nb::module_& m);  // ops_bindings.cpp: the float ops
+namespace tritlm {
+void register_model(nb::module_& m);  // model.cpp: a whole forward step
+}
 
 NB_MODULE(_native, m) {
   m.doc() = "tritlm's C++ kernels";
@@ -230,4 +189,7 @@ NB_MODULE(_native, m) {
     return took.count();  // (the atomic checksum keeps the reads from being optimized away)
   }, nb::arg("buffer"), nb::arg("isa"), nb::arg("n_threads") = 1,
   "Seconds to read the whole buffer once with n_threads threads (a bandwidth probe).");
+
+  register_ops(m);
+  tritlm::register_model(m);
 }

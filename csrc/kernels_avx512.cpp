@@ -73,15 +73,19 @@ void tile_few_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* las
 }
 
 // Many tokens (prefill): compute-bound. Unpack each chunk once into 4 planes of plain codes and
-// reuse them for T tokens, one accumulator per token.
+// reuse them for T tokens. Each accumulator takes 4 dependent vpdpbusd per chunk; up to 8 tokens
+// that chain, not throughput, would set the pace, so small blocks give planes 2 and 3 a second
+// set of accumulators (added together at the end: int32 sums, exact in any order).
 template <int T>
 void tile_many_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t*) {
+  constexpr int kSets = T <= 8 ? 2 : 1;
   const int64_t chunks = g.K / kChunkCols;
   const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
   const int8_t* q = g.q + t0 * g.K;
   const __m512i m = _mm512_set1_epi8(0x03);
-  __m512i acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
+  __m512i acc[kSets][T];
+  for (int a = 0; a < kSets; ++a)
+    for (int t = 0; t < T; ++t) acc[a][t] = _mm512_setzero_si512();
   for (int64_t s = 0; s < chunks; ++s) {
     const __m512i x = _mm512_loadu_si512(w + s * kChunkBytes);
     const __m512i p0 = _mm512_and_si512(x, m);
@@ -91,13 +95,14 @@ void tile_many_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t*) {
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       const int8_t* qs = q + t * g.K + s * kChunkCols;
-      acc[t] = _mm512_dpbusd_epi32(acc[t], p0, broadcast4(qs));
-      acc[t] = _mm512_dpbusd_epi32(acc[t], p1, broadcast4(qs + 4));
-      acc[t] = _mm512_dpbusd_epi32(acc[t], p2, broadcast4(qs + 8));
-      acc[t] = _mm512_dpbusd_epi32(acc[t], p3, broadcast4(qs + 12));
+      acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], p0, broadcast4(qs));
+      acc[0][t] = _mm512_dpbusd_epi32(acc[0][t], p1, broadcast4(qs + 4));
+      acc[kSets - 1][t] = _mm512_dpbusd_epi32(acc[kSets - 1][t], p2, broadcast4(qs + 8));
+      acc[kSets - 1][t] = _mm512_dpbusd_epi32(acc[kSets - 1][t], p3, broadcast4(qs + 12));
     }
   }
-  for (int t = 0; t < T; ++t) store_tile(g, tile, t0 + t, acc[t]);
+  for (int t = 0; t < T; ++t)
+    store_tile(g, tile, t0 + t, kSets == 2 ? _mm512_add_epi32(acc[0][t], acc[kSets - 1][t]) : acc[0][t]);
 }
 
 // acc += codes (u8) x the 4 int8 at q broadcast to every lane. GCC does not fold the broadcast

@@ -37,3 +37,23 @@ def test_bench_kernels_markdown(capsys):
 def test_bench_kernels_bad_arguments(capsys, args, message):
     assert main(["bench", "kernels", "-r", "1", "--stream-mib", "1", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_model(tmp_path, capsys):
+    from tritlm.bench.dummy import write_dummy
+    from tritlm.models.config import ModelConfig
+
+    path = tmp_path / "m.gguf"
+    write_dummy(path, ModelConfig(arch="bitnet-b1.58", vocab_size=300, hidden_size=256,
+                                  intermediate_size=512, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  context_length=64, rope_theta=1e4, norm_eps=1e-5))
+    assert main(["bench", "-m", str(path), "-p", "8", "16", "-n", "4", "-t", "1", "2", "-r", "1", "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["test"], r["threads"]) for r in report["rows"]] == \
+        [("pp8", 1), ("pp16", 1), ("tg4", 1), ("pp8", 2), ("pp16", 2), ("tg4", 2)]
+    tg = report["rows"][2]
+    # the roofline ratio is what it says: bytes per token x tokens/s over the read bandwidth
+    assert tg["roofline"] == pytest.approx(report["decode_mb_per_token"] * 1e6 * tg["tokens_per_s"]
+                                           / (tg["read_gbps"] * 1e9))
+    assert report["peak_rss_mb"] > 0 and report["load_seconds"] > 0
+    assert main(["bench"]) == 2

@@ -13,7 +13,7 @@ six; the seeds below do not hit one, and without such a flip the two agree to ~3
 import gguf
 import numpy as np
 import pytest
-from tiny_models import transformers_logits, write_bitnet
+from tiny_models import relative_error, transformers_logits, write_bitnet
 
 from tritlm.models import export, loader, reference
 
@@ -26,10 +26,6 @@ MODELS = [  # (model_type, flavour, overrides): each family, each checkpoint fla
     ("llama", "bitlinear", {}),
     ("llama", "online", {}),
 ]
-
-
-def relative_error(ours, theirs):
-    return np.abs(ours - theirs).max() / np.abs(theirs).max()
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=lambda m: f"{m[0]}-{m[1]}-{m[2].get('hidden_act', '')}")

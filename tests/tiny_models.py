@@ -67,6 +67,11 @@ def write_bitnet(directory, flavour: str, seed: int = 0, model_type: str = "bitn
     return str(directory)
 
 
+def relative_error(ours, theirs) -> float:
+    """max |difference| over max |oracle|: the measure the issue's tolerances use."""
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
 def _classes(model_type: str):
     import transformers
 

@@ -17,15 +17,27 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
 
+def default_model_path() -> str:
+    """The tiny model bundled with tritlm (trained on Python's standard library), used when no
+    model is given. docs/TRAINING.md says how it was made."""
+    path = os.path.join(os.path.dirname(__file__), "data", "tritlm-tiny.gguf")
+    if not os.path.isfile(path):
+        raise ValueError(f"the bundled model is missing ({path}); give a model path")
+    return path
+
+
 class LLM:
     """A ternary model ready to generate.
 
-    model_path: a GGUF file or a Hugging Face model directory. n_ctx: context length (default:
-    the model's, at most 4096). n_threads: default every core. kv_type: "f16" or "f32".
+    model_path: a GGUF file or a Hugging Face model directory (default: the bundled tiny model,
+    `default_model_path()`). n_ctx: context length (default: the model's, at most 4096).
+    n_threads: default every core. kv_type: "f16" or "f32".
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int | None = None,
+    def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int | None = None,
                  n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256):
+        if model_path is None:
+            model_path = default_model_path()
         config, tensors, metadata = loader.load(model_path)
         self.model_path = os.fspath(model_path)
         self.model_name = os.path.basename(self.model_path.rstrip("/"))
@@ -56,6 +68,29 @@ class LLM:
             raise ValueError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
         sequence = self.engine.new_sequence(n_ctx=max(1, len(tokens)))
         return self.engine.forward([(sequence, list(tokens))], all_logits=True)[0]
+
+    def perplexity(self, text: str, n_ctx: int | None = None, *, batch_size: int | None = None,
+                   progress=None) -> tuple[float, float]:
+        """(perplexity, its standard error) of `text`, measured as llama-perplexity does: the
+        tokens are cut into windows of n_ctx (default: min(512, the context)), each starting
+        with BOS, and only the second half of each window is scored, so every scored token has
+        at least n_ctx/2 tokens of context. batch_size: tokens per forward pass (default one
+        window). progress(windows_done, windows, ppl_so_far) is called after each batch."""
+        c = n_ctx or min(512, self.n_ctx)
+        if not 4 <= c <= self.config.context_length:
+            raise ValueError(f"n_ctx must be between 4 and the model's context "
+                             f"{self.config.context_length}, got {c}")
+        windows = perplexity_windows(self.tokenize(text), c, self.tokenizer.bos_id)
+        per_batch = max(1, (batch_size or c) // c)
+        nll = []
+        for i in range(0, len(windows), per_batch):
+            group = windows[i:i + per_batch]
+            outputs = self.engine.forward([(self.engine.new_sequence(n_ctx=c), w) for w in group],
+                                          all_logits=True)
+            nll.extend(window_nll(logits, w) for logits, w in zip(outputs, group))
+            if progress:
+                progress(len(nll), len(windows), perplexity_stats(nll)[0])
+        return perplexity_stats(nll)
 
     # --------------------------------------------------------------------------- generation
 
@@ -194,3 +229,40 @@ class LLM:
                 {"index": 0, **last, "finish_reason": text_stream.finish_reason}], "usage": usage()}
 
         return chunks()
+
+
+# ----------------------------------------------------------------------- perplexity helpers
+# shared with tritlm.train, so the PyTorch model is scored on exactly the same tokens
+
+
+def perplexity_windows(tokens: list[int], n_ctx: int, bos_id: int | None) -> list[list[int]]:
+    """llama-perplexity's windows: consecutive runs of n_ctx tokens, the first replaced by BOS."""
+    n = len(tokens) // n_ctx
+    if n == 0:
+        raise ValueError(f"the text has {len(tokens)} tokens; perplexity needs at least one "
+                         f"window of {n_ctx} (give more text or a smaller context)")
+    windows = [list(tokens[i * n_ctx:(i + 1) * n_ctx]) for i in range(n)]
+    if bos_id is not None:
+        for w in windows:
+            w[0] = bos_id
+    return windows
+
+
+def window_nll(logits: np.ndarray, window: list[int]) -> np.ndarray:
+    """Negative log-likelihoods (float64) of the second half of a window: logits [n, vocab] at
+    positions n/2 .. n-2 scored against the next tokens."""
+    first = len(window) // 2
+    x = np.asarray(logits[first:len(window) - 1], dtype=np.float64)
+    top = x.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
+    targets = np.asarray(window[first + 1:])
+    return log_z - x[np.arange(len(targets)), targets]
+
+
+def perplexity_stats(nll) -> tuple[float, float]:
+    """(exp(mean nll), its standard error by the delta method), as llama-perplexity prints."""
+    values = np.concatenate([np.atleast_1d(v) for v in nll]).astype(np.float64)
+    mean = values.mean()
+    err = np.sqrt(max(0.0, (values ** 2).mean() - mean ** 2) / max(1, len(values) - 1))
+    ppl = float(np.exp(mean))
+    return ppl, float(ppl * err)

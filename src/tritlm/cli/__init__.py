@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, info, run
+from . import bench, convert, dummy, info, perplexity, run, serve, train
 
-SUBCOMMANDS = (run, info, bench)
+SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""`tritlm bench kernels`: kernel throughput next to the machine's read bandwidth."""
+"""`tritlm bench`: a model's prompt and generation speed (llama-bench's flags), or
+`tritlm bench kernels`: kernel throughput next to the machine's read bandwidth."""
 
 from __future__ import annotations
 
@@ -6,8 +7,21 @@ import json
 
 
 def add_parser(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks")
-    targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
+    bench = subparsers.add_parser(
+        "bench", help="benchmarks: a model (-m), or the kernels",
+        description="With -m: prompt processing (pp) and generation (tg) tokens/s of a model, "
+                    "mean ± std over -r runs, load time, peak RSS and the decode roofline (bytes "
+                    "read per token x tokens/s over the read bandwidth measured in the same run). "
+                    "`tritlm bench kernels` benchmarks the kernels alone.")
+    bench.add_argument("-m", "--model", help="GGUF file or Hugging Face directory")
+    bench.add_argument("-p", "--n-prompt", type=int, nargs="+", default=[128], help="prompt lengths (default 128)")
+    bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to generate (default 128; 0: none)")
+    bench.add_argument("-t", "--threads", type=int, nargs="+", default=None,
+                       help="thread counts (default: every available core)")
+    bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (default 3)")
+    bench.add_argument("-o", "--output", default="md", choices=["md", "json", "csv"], help="output format")
+    bench.set_defaults(func=run_model)
+    targets = bench.add_subparsers(dest="target", metavar="TARGET")
     p = targets.add_parser(
         "kernels", help="GEMV GB/s and GEMM GMAC/s at the 2B4T shapes, beside read bandwidth",
         description="Streams ternary weights (GEMV, one token) and multiplies them by a batch "
@@ -23,7 +37,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("-r", "--repeats", type=int, default=7, help="passes per measurement, best kept (default 7)")
     p.add_argument("--isa", default=None, help="kernel set (default: the best this CPU runs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_kernels)
+
+
+def run_model(args) -> int:
+    from ..bench import model as harness
+    from ..kernels import default_threads
+
+    if not args.model:
+        raise ValueError("give a model with -m (or run `tritlm bench kernels`)")
+    threads = args.threads or [default_threads()]
+    if min(threads) < 1 or min(args.n_prompt) < 1 or args.n_gen < 0 or args.repetitions < 1:
+        raise ValueError("threads, prompt lengths and repetitions must be positive")
+    report = harness.run(args.model, prompts=args.n_prompt, n_gen=args.n_gen, threads=threads,
+                         repeats=args.repetitions)
+    print({"md": harness.markdown, "csv": harness.csv, "json": lambda r: json.dumps(r, indent=1)}
+          [args.output](report))
+    return 0
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -36,7 +66,7 @@ def _shape(text: str) -> tuple[int, int]:
     return m, k
 
 
-def run(args) -> int:
+def run_kernels(args) -> int:
     from ..bench import kernels as harness
     from ..kernels import default_isa, default_threads
 

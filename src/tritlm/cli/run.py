@@ -11,11 +11,14 @@ def add_parser(subparsers) -> None:
         description="Generate a continuation of a prompt, printing tokens as they come, then "
                     "the prompt and generation speed. With -cnv, -p is the system prompt and "
                     "the session is an interactive chat (end it with Ctrl-D or an empty line).")
-    p.add_argument("-m", "--model", required=True, help="GGUF file or Hugging Face model directory")
+    p.add_argument("-m", "--model", default=None,
+                   help="GGUF file or Hugging Face model directory (default: the tiny model bundled "
+                        "with tritlm, trained on Python's standard library)")
     p.add_argument("-p", "--prompt", default="", help="prompt (with -cnv: the system prompt)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size (default 2048, or the model's own if shorter)")
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed (same seed, same text)")
     p.add_argument("-cnv", "--conversation", action="store_true", help="chat mode")
@@ -27,7 +30,7 @@ def run(args) -> int:
 
     if args.n_predict < 1:
         raise ValueError("-n must be at least 1")
-    llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
+    llm = LLM(args.model, n_ctx=args.ctx_size or _default_ctx(args.model), n_threads=args.threads)
     sampling = dict(temperature=args.temperature, seed=args.seed)
     if not args.conversation:
         if not args.prompt:
@@ -54,6 +57,28 @@ def run(args) -> int:
             reply += piece
         print()
         messages.append({"role": "assistant", "content": reply})
+
+
+def _default_ctx(model) -> int | None:
+    """2048, or the model's trained context when it is shorter (None: the bundled model's own)."""
+    import json
+    import os
+
+    from ..formats.gguf import GGUFFile
+    from ..models import loader
+
+    if model is None:
+        return None
+    try:
+        if os.path.isdir(model):
+            with open(os.path.join(model, "config.json")) as f:
+                context = loader.hf_config(json.load(f)).context_length
+        else:
+            with GGUFFile(model) as f:
+                context = loader.gguf_config(f.metadata, f.tensors).context_length
+    except (OSError, ValueError):
+        return 2048  # loading the model will name the problem
+    return min(2048, context)
 
 
 def report(t: dict) -> None:

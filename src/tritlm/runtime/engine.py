@@ -5,9 +5,10 @@ sequences at once: their new tokens are stacked, so each weight matrix is stream
 for all of them (that is what makes serving many users cheap), while RoPE, the KV cache and
 attention are per sequence. Long prompts are split into chunks of `prefill_chunk` tokens.
 
-Every op treats each token on its own (no reduction runs across tokens), so the logits of a
-token do not depend on how it was batched: token-by-token decoding reproduces a full forward
-bit for bit.
+A step runs in C++ (`_native.Model`: the kernels and ops of every layer, in the order the model
+card gives, without returning to Python). Every op treats each token on its own (no reduction
+runs across tokens), so the logits of a token do not depend on how it was batched:
+token-by-token decoding reproduces a full forward bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import kernels, ops
+from .. import _native, kernels
 from ..kernels import TernaryMatrix
 from ..models.config import ModelConfig
 
@@ -41,12 +42,11 @@ def _stacked(*tensors) -> TernaryMatrix:
 
 
 class Sequence:
-    """One stream of tokens: its KV cache ([n_ctx, kv heads, head dim] per layer) and length."""
+    """One stream of tokens: its KV cache, [layers, 2 (k, v), n_ctx, kv heads, head dim], and
+    how many positions it holds."""
 
     def __init__(self, config: ModelConfig, n_ctx: int, kv_dtype):
-        shape = (n_ctx, config.n_kv_heads, config.head_dim)
-        self.k = [np.zeros(shape, kv_dtype) for _ in range(config.n_layers)]
-        self.v = [np.zeros(shape, kv_dtype) for _ in range(config.n_layers)]
+        self.kv = np.zeros((config.n_layers, 2, n_ctx, config.n_kv_heads, config.head_dim), kv_dtype)
         self.n_ctx = n_ctx
         self.position = 0  # tokens held in the cache
 
@@ -66,13 +66,12 @@ class Engine:
         self.n_ctx = n_ctx or config.context_length
         if not 0 < self.n_ctx <= config.context_length:
             raise ValueError(f"n_ctx must be between 1 and the model's context {config.context_length}")
-        self.n_threads = n_threads or kernels.default_threads()
         self.kv_dtype = KV_DTYPES[kv_type]
         self.prefill_chunk = prefill_chunk
         self.isa = kernels.default_isa()
+        self.set_threads(n_threads or kernels.default_threads())
         self.embedding = tensors["token_embd"]
         self.head = self.embedding if config.tied_embeddings else tensors["output"]
-        self.output_norm = tensors["output_norm"]
         self.layers = []
         for i in range(config.n_layers):
             t = {name.split(".", 2)[2]: value for name, value in tensors.items()
@@ -82,6 +81,26 @@ class Engine:
                 attn_sub_norm=t.get("attn_sub_norm"), attn_output=_stacked(t["attn_output"]),
                 ffn_norm=t["ffn_norm"], gate_up=_stacked(t["ffn_gate"], t["ffn_up"]),
                 ffn_sub_norm=t.get("ffn_sub_norm"), ffn_down=_stacked(t["ffn_down"])))
+        c = config
+        dims = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.n_heads,
+                "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
+                "eps": c.norm_eps, "theta": c.rope_theta, "neox": c.rope_style == "neox",
+                "relu2": c.activation == "relu2"}
+        self._model = _native.Model(dims, [vars(layer) for layer in self.layers], self.embedding.data,
+                                    self.embedding.type, self.head.data, self.head.type,
+                                    np.ascontiguousarray(tensors["output_norm"], dtype=np.float32))
+
+    def set_threads(self, n_threads: int) -> None:
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+        self.n_threads = n_threads
+
+    @property
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode step reads: every ternary matrix and the output head."""
+        matrices = [m for layer in self.layers
+                    for m in (layer.qkv, layer.attn_output, layer.gate_up, layer.ffn_down)]
+        return sum(m.nbytes for m in matrices) + self.head.data.nbytes
 
     def new_sequence(self, n_ctx: int | None = None) -> Sequence:
         n_ctx = n_ctx or self.n_ctx
@@ -106,6 +125,13 @@ class Engine:
                        in zip(pending, done) if not last]
         return [np.concatenate(parts) for parts in outputs]
 
+    def hidden_states(self, sequence: Sequence, tokens: list[int]) -> np.ndarray:
+        """Append `tokens` to `sequence` and return their final hidden states, float32
+        [len(tokens), hidden]: the output norm's result, what the LM head reads (for embeddings)."""
+        self._check(sequence, tokens)
+        return np.concatenate([self._step([(sequence, tokens[i : i + self.prefill_chunk])], ["all"], hidden=True)[0]
+                               for i in range(0, len(tokens), self.prefill_chunk)])
+
     def _check(self, seq: Sequence, tokens) -> None:
         if not len(tokens):
             raise ValueError("no tokens to process")
@@ -117,55 +143,17 @@ class Engine:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
                              f"{ids.min()}..{ids.max()}")
 
-    def _quantize(self, x: np.ndarray):
-        return kernels.quantize_activations(x, isa=self.isa, n_threads=self.n_threads)
-
-    def _matmul(self, matrix: TernaryMatrix, x: np.ndarray) -> np.ndarray:
-        return matrix.matmul(self._quantize(x), isa=self.isa, n_threads=self.n_threads)
-
-    def _step(self, parts: list[tuple[Sequence, list[int]]], keep: list[str]) -> list[np.ndarray]:
-        """One pass of the stacked tokens of every part through the model."""
-        c, nt = self.config, self.n_threads
-        d, q_dim, kv_dim = c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    def _step(self, parts: list[tuple[Sequence, list[int]]], keep: list[str], hidden: bool = False) -> list[np.ndarray]:
+        """One pass of the stacked tokens of every part through the model; for each part the
+        rows its `keep` asks for ("all", "last" or "none")."""
         ids = np.concatenate([np.asarray(t, np.int32) for _, t in parts])
         positions = np.concatenate([np.arange(s.position, s.position + len(t), dtype=np.int32)
                                     for s, t in parts])
         bounds = np.cumsum([0] + [len(t) for _, t in parts])
-        x = ops.embedding_rows(self.embedding.data, self.embedding.type, self.embedding.rows,
-                               self.embedding.cols, ids)
-        for li, layer in enumerate(self.layers):
-            h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)
-            qkv = self._matmul(layer.qkv, h)
-            q = np.ascontiguousarray(qkv[:, :q_dim]).reshape(-1, c.n_heads, d)
-            k = np.ascontiguousarray(qkv[:, q_dim : q_dim + kv_dim]).reshape(-1, c.n_kv_heads, d)
-            v = np.ascontiguousarray(qkv[:, q_dim + kv_dim :]).reshape(-1, c.n_kv_heads, d)
-            neox = c.rope_style == "neox"
-            q = ops.rope(q, positions, c.rope_theta, neox)
-            k = ops.rope(k, positions, c.rope_theta, neox)
-            a = np.empty((len(ids), q_dim), np.float32)
-            for (seq, _), begin, end in zip(parts, bounds[:-1], bounds[1:]):
-                ops.store_kv(seq.k[li], seq.v[li], k[begin:end], v[begin:end], seq.position)
-                a[begin:end] = ops.attention(q[begin:end], seq.k[li], seq.v[li],
-                                             positions[begin:end], n_threads=nt)
-            if layer.attn_sub_norm is not None:
-                a = ops.rms_norm(a, layer.attn_sub_norm, c.norm_eps)
-            x = x + self._matmul(layer.attn_output, a)
-            h = ops.rms_norm(x, layer.ffn_norm, c.norm_eps)
-            gate_up = self._matmul(layer.gate_up, h)
-            f = ops.gated(np.ascontiguousarray(gate_up[:, : c.intermediate_size]),
-                          np.ascontiguousarray(gate_up[:, c.intermediate_size :]), c.activation)
-            if layer.ffn_sub_norm is not None:
-                f = ops.rms_norm(f, layer.ffn_sub_norm, c.norm_eps)
-            x = x + self._matmul(layer.ffn_down, f)
+        rows = [np.arange(b, e) if k == "all" else np.arange(e - 1, e) if k == "last" else np.arange(0)
+                for b, e, k in zip(bounds[:-1], bounds[1:], keep)]
+        out = self._model.forward(ids, positions, bounds.tolist(), [s.kv for s, _ in parts],
+                                  np.concatenate(rows).astype(np.int64), self.isa, self.n_threads, hidden)
         for seq, tokens in parts:
             seq.position += len(tokens)
-        # logits only for the rows asked for: each part's "all", "last" or "none"
-        spans = list(zip(bounds[:-1], bounds[1:]))
-        rows = [np.arange(b, e) if k == "all" else np.arange(e - 1, e) if k == "last" else np.arange(0)
-                for (b, e), k in zip(spans, keep)]
-        selected = np.concatenate(rows)
-        if not len(selected):
-            return [np.zeros((0, c.vocab_size), np.float32) for _ in parts]
-        h = ops.rms_norm(np.ascontiguousarray(x[selected]), self.output_norm, c.norm_eps)
-        logits = ops.head_matmul(h, self.head.data, self.head.type, self.head.rows, n_threads=nt)
-        return np.split(logits, np.cumsum([len(r) for r in rows])[:-1])
+        return np.split(out, np.cumsum([len(r) for r in rows])[:-1])

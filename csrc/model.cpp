@@ -1,0 +1,253 @@
+// A whole forward step in C++: every layer, for the stacked new tokens of several sequences.
+// It composes the same kernels and ops the Python engine calls one by one, in the same order,
+// so the logits are bit for bit those of that path; what it removes is Python: ~15 calls per
+// layer, their argument checks and temporary arrays.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+#include "dispatch.h"
+#include "ops.h"
+#include "threadpool.h"
+
+namespace nb = nanobind;
+
+namespace tritlm {
+namespace {
+
+using Array = nb::ndarray<nb::device::cpu>;
+using checks::fail;
+
+// The array behind `obj`, never a converted copy (a cache must be written where it lives).
+Array array(nb::handle obj, const std::string& name) {
+  Array a;
+  if (!nb::try_cast(obj, a, /*convert=*/false)) fail(name + ": expected a writable CPU array");
+  int64_t stride = 1;
+  for (size_t i = a.ndim(); i-- > 0;) {
+    if (a.shape(i) != 1 && a.stride(i) != stride) fail(name + ": must be C-contiguous");
+    stride *= int64_t(a.shape(i));
+  }
+  return a;
+}
+
+template <class T>
+const T* data_of(nb::handle obj, const std::string& name, size_t n) {
+  const Array a = array(obj, name);
+  if (a.dtype() != nb::dtype<T>() || a.size() != n)
+    fail(name + ": expected " + std::to_string(n) + " elements of the right type");
+  return static_cast<const T*>(a.data());
+}
+
+// A ternary matrix as the kernels take it (a Weights handle's pointers).
+struct Matrix {
+  nb::object owner;
+  const uint8_t* tiles;
+  const float* row_scale;
+  int64_t M, K;
+};
+
+struct Layer {
+  const float *attn_norm, *attn_sub_norm, *ffn_norm, *ffn_sub_norm;  // sub-norms may be null
+  Matrix qkv, attn_output, gate_up, ffn_down;
+};
+
+class Model {
+ public:
+  Model(nb::dict dims, nb::list layers, nb::object embedding, const std::string& embedding_type,
+        nb::object head, const std::string& head_type, nb::object output_norm)
+      : keep_(nb::make_tuple(layers, embedding, head, output_norm)) {
+    auto get = [&](const char* k) { return nb::cast<int64_t>(dims[k]); };
+    D_ = get("hidden"), F_ = get("ffn"), Hq_ = get("heads"), Hkv_ = get("kv_heads");
+    Dh_ = get("head_dim"), V_ = get("vocab");
+    eps_ = nb::cast<double>(dims["eps"]), theta_ = nb::cast<double>(dims["theta"]);
+    neox_ = nb::cast<bool>(dims["neox"]), relu2_ = nb::cast<bool>(dims["relu2"]);
+    if (!ops::weight_type_named(embedding_type, &embedding_type_) || !ops::weight_type_named(head_type, &head_type_))
+      fail("unknown embedding or head type");
+    embedding_ = bytes(embedding, "embedding", V_ * D_, embedding_type_);
+    head_ = bytes(head, "head", V_ * D_, head_type_);
+    output_norm_ = data_of<float>(output_norm, "output_norm", size_t(D_));
+    for (nb::handle l : layers) layers_.push_back(layer(nb::cast<nb::dict>(l)));
+  }
+
+  // Logits [rows, V] (or, with hidden, the final normed hidden states [rows, D]) of the chosen
+  // rows of the stacked tokens; tokens [bounds[p], bounds[p+1]) belong to caches[p], a
+  // [layers, 2, n_ctx, Hkv, Dh] array, and go in at their positions.
+  nb::ndarray<nb::numpy, float> forward(nb::handle ids_h, nb::handle positions_h, const std::vector<int64_t>& bounds,
+                                        nb::list caches, nb::handle rows_h, const std::string& isa_name, int n_threads,
+                                        bool hidden) {
+    const KernelSet& ks = kernels_named(isa_name);
+    const ops::Isa isa = ops::isa_named(isa_name);
+    if (n_threads < 1) fail("n_threads must be positive");
+    const int64_t T = int64_t(array(ids_h, "ids").size()), R = int64_t(array(rows_h, "rows").size());
+    const int32_t* ids = data_of<int32_t>(ids_h, "ids", size_t(T));
+    const int32_t* positions = data_of<int32_t>(positions_h, "positions", size_t(T));
+    const int64_t* rows = data_of<int64_t>(rows_h, "rows", size_t(R));
+    if (bounds.size() != nb::len(caches) + 1 || bounds.front() != 0 || bounds.back() != T)
+      fail("bounds must split the tokens among the caches");
+    for (int64_t t = 0; t < T; ++t)
+      if (ids[t] < 0 || ids[t] >= V_) fail("token ids must be in [0, vocab)");
+    std::vector<Cache> parts;
+    for (size_t p = 0; p < nb::len(caches); ++p) parts.push_back(cache(caches[p], bounds[p], bounds[p + 1], positions));
+    for (int64_t r = 0; r < R; ++r)
+      if (rows[r] < 0 || rows[r] >= T) fail("rows must index the tokens");
+    const int64_t width = hidden ? D_ : V_;
+    float* result = new float[size_t(R * width + 1)];
+    nb::capsule owner(result, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+    nb::ndarray<nb::numpy, float> out(result, {size_t(R), size_t(width)}, owner);
+    {
+      nb::gil_scoped_release release;
+      run(ks, isa, n_threads, T, ids, positions, parts, R, rows, hidden, result);
+    }
+    return out;
+  }
+
+ private:
+  struct Cache {
+    uint8_t* base;  // [layers, 2, n_ctx, Hkv, Dh] of f16 or f32
+    bool f16;
+    int64_t n_ctx, begin, end;  // this part's tokens: [begin, end) of the stacked ones
+  };
+
+  // From a tritlm.kernels.TernaryMatrix: its tiles, per-row scales and shape.
+  Matrix matrix(nb::handle ternary_matrix) {
+    nb::object w = nb::borrow(ternary_matrix);
+    const nb::tuple shape = nb::cast<nb::tuple>(w.attr("shape"));
+    const int64_t M = nb::cast<int64_t>(shape[0]), K = nb::cast<int64_t>(shape[1]);
+    const size_t tile_bytes = size_t((M + kTileRows - 1) / kTileRows * (K / kChunkCols) * kChunkBytes);
+    return {w, data_of<uint8_t>(w.attr("tiles"), "tiles", tile_bytes), data_of<float>(w.attr("scale"), "scale", size_t(M)),
+            M, K};
+  }
+
+  const uint8_t* bytes(nb::handle obj, const std::string& name, int64_t elements, ops::WeightType type) {
+    const size_t n = size_t(elements / ops::block_elements(type) * ops::block_bytes(type));
+    return data_of<uint8_t>(obj, name, n);
+  }
+
+  Layer layer(nb::dict d) {
+    auto norm = [&](const char* k, int64_t n) -> const float* {
+      if (!d.contains(k) || d[k].is_none()) return nullptr;
+      return data_of<float>(d[k], k, size_t(n));
+    };
+    Layer l{norm("attn_norm", D_), norm("attn_sub_norm", Hq_ * Dh_), norm("ffn_norm", D_), norm("ffn_sub_norm", F_),
+            matrix(d["qkv"]), matrix(d["attn_output"]), matrix(d["gate_up"]), matrix(d["ffn_down"])};
+    if (!l.attn_norm || !l.ffn_norm) fail("a layer lacks its norms");
+    if (l.qkv.M != (Hq_ + 2 * Hkv_) * Dh_ || l.qkv.K != D_ || l.attn_output.M != D_ || l.gate_up.M != 2 * F_ ||
+        l.ffn_down.M != D_ || l.ffn_down.K != F_)
+      fail("a layer's matrices do not fit the model's dimensions");
+    return l;
+  }
+
+  Cache cache(nb::handle obj, int64_t begin, int64_t end, const int32_t* positions) {
+    const Array a = array(obj, "cache");
+    const bool f16 = a.dtype().code == uint8_t(nb::dlpack::dtype_code::Float) && a.dtype().bits == 16;
+    if (!f16 && a.dtype() != nb::dtype<float>()) fail("a KV cache must be float16 or float32");
+    if (a.ndim() != 5 || int64_t(a.shape(0)) != int64_t(layers_.size()) || a.shape(1) != 2 ||
+        int64_t(a.shape(3)) != Hkv_ || int64_t(a.shape(4)) != Dh_)
+      fail("a KV cache must be [layers, 2, n_ctx, kv heads, head dim]");
+    const int64_t n_ctx = int64_t(a.shape(2));
+    for (int64_t t = begin; t < end; ++t)
+      if (positions[t] < 0 || positions[t] >= n_ctx) fail("a position lies outside its cache");
+    return {static_cast<uint8_t*>(a.data()), f16, n_ctx, begin, end};
+  }
+
+  // y [T, M] = W x for the rows of x [T, K] (quantized per row first)
+  void linear(const KernelSet& ks, const Matrix& w, const float* x, int64_t T, float* y, int n_threads) {
+    q_.resize(size_t(T * w.K));
+    act_scale_.resize(size_t(T));
+    act_sum_.resize(size_t(T));
+    for (int64_t t = 0; t < T; ++t)
+      ks.quantize_row(x + t * w.K, w.K, q_.data() + t * w.K, &act_scale_[t], &act_sum_[t]);
+    Gemm g{};
+    g.tiles = w.tiles, g.M = w.M, g.K = w.K, g.q = q_.data(), g.n_tokens = T;
+    g.act_scale = act_scale_.data(), g.act_sum = act_sum_.data(), g.row_scale = w.row_scale, g.out = y;
+    parallel_for(n_threads, (w.M + kTileRows - 1) / kTileRows,
+                 [&](int64_t b, int64_t e) { ks.gemm_tiles(g, b, e); });
+  }
+
+  void run(const KernelSet& ks, ops::Isa isa, int nt, int64_t T, const int32_t* ids, const int32_t* positions,
+           const std::vector<Cache>& parts, int64_t R, const int64_t* rows, bool hidden, float* result) {
+    const int64_t qd = Hq_ * Dh_, kvd = Hkv_ * Dh_, M = qd + 2 * kvd;
+    std::vector<float> x(size_t(T * D_)), h(size_t(T * D_)), qkv(size_t(T * M)), q(size_t(T * qd)),
+        k(size_t(T * kvd)), v(size_t(T * kvd)), a(size_t(T * qd)), y(size_t(T * std::max(D_, 2 * F_))),
+        f(size_t(T * F_));
+    ops::embedding_rows(isa, embedding_, D_, embedding_type_, ids, T, x.data());
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& L = layers_[li];
+      ops::rms_norm(isa, x.data(), L.attn_norm, T, D_, eps_, h.data(), nt);
+      linear(ks, L.qkv, h.data(), T, qkv.data(), nt);
+      for (int64_t t = 0; t < T; ++t) {  // q, k, v are stacked per token
+        std::memcpy(&q[t * qd], &qkv[t * M], sizeof(float) * qd);
+        std::memcpy(&k[t * kvd], &qkv[t * M + qd], sizeof(float) * kvd);
+        std::memcpy(&v[t * kvd], &qkv[t * M + qd + kvd], sizeof(float) * kvd);
+      }
+      ops::rope(q.data(), positions, T, Hq_, Dh_, theta_, neox_, nt);
+      ops::rope(k.data(), positions, T, Hkv_, Dh_, theta_, neox_, nt);
+      for (const Cache& c : parts) {
+        const size_t row = size_t(Hkv_ * Dh_) * (c.f16 ? 2 : 4), plane = row * size_t(c.n_ctx);
+        uint8_t* kc = c.base + (2 * li) * plane;
+        uint8_t* vc = kc + plane;
+        for (int64_t t = c.begin; t < c.end; ++t) {
+          ops::store_rows(isa, &k[t * kvd], kvd, kc + positions[t] * row, c.f16);
+          ops::store_rows(isa, &v[t * kvd], kvd, vc + positions[t] * row, c.f16);
+        }
+        ops::Attention at{&q[c.begin * qd], kc, vc, c.f16, positions + c.begin, c.end - c.begin,
+                          Hq_, Hkv_, Dh_, &a[c.begin * qd]};
+        ops::attention(isa, at, nt);
+      }
+      const float* attn = a.data();
+      if (L.attn_sub_norm) {
+        ops::rms_norm(isa, a.data(), L.attn_sub_norm, T, qd, eps_, h.data(), nt);
+        attn = h.data();
+      }
+      linear(ks, L.attn_output, attn, T, y.data(), nt);
+      for (int64_t i = 0; i < T * D_; ++i) x[i] += y[i];
+      ops::rms_norm(isa, x.data(), L.ffn_norm, T, D_, eps_, h.data(), nt);
+      linear(ks, L.gate_up, h.data(), T, y.data(), nt);
+      for (int64_t t = 0; t < T; ++t)  // gate then up, per token
+        ops::gated(isa, &y[t * 2 * F_], &y[t * 2 * F_ + F_], F_, relu2_, &f[t * F_], 1);
+      const float* ffn = f.data();
+      if (L.ffn_sub_norm) {
+        ops::rms_norm(isa, f.data(), L.ffn_sub_norm, T, F_, eps_, y.data(), nt);
+        ffn = y.data();
+      }
+      linear(ks, L.ffn_down, ffn, T, h.data(), nt);
+      for (int64_t i = 0; i < T * D_; ++i) x[i] += h[i];
+    }
+    std::vector<float> picked(size_t(R * D_)), normed(size_t(R * D_));
+    for (int64_t r = 0; r < R; ++r) std::memcpy(&picked[r * D_], &x[rows[r] * D_], sizeof(float) * D_);
+    ops::rms_norm(isa, picked.data(), output_norm_, R, D_, eps_, hidden ? result : normed.data(), nt);
+    if (!hidden) ops::head_matmul(isa, normed.data(), R, D_, head_, V_, head_type_, result, nt);
+  }
+
+  nb::object keep_;  // every array the pointers below point into
+  int64_t D_, F_, Hq_, Hkv_, Dh_, V_;
+  double eps_, theta_;
+  bool neox_, relu2_;
+  const uint8_t *embedding_, *head_;
+  ops::WeightType embedding_type_, head_type_;
+  const float* output_norm_;
+  std::vector<Layer> layers_;
+  std::vector<int8_t> q_;  // scratch for quantized activations
+  std::vector<float> act_scale_;
+  std::vector<int32_t> act_sum_;
+};
+
+}  // namespace
+
+void register_model(nb::module_& m) {
+  nb::class_<Model>(m, "Model", "A whole forward step of a ternary transformer in C++.")
+      .def(nb::init<nb::dict, nb::list, nb::object, const std::string&, nb::object, const std::string&, nb::object>(),
+           nb::arg("dims"), nb::arg("layers"), nb::arg("embedding"), nb::arg("embedding_type"), nb::arg("head"),
+           nb::arg("head_type"), nb::arg("output_norm"))
+      .def("forward", &Model::forward, nb::arg("ids"), nb::arg("positions"), nb::arg("bounds"), nb::arg("caches"),
+           nb::arg("rows"), nb::arg("isa"), nb::arg("n_threads"), nb::arg("hidden") = false);
+}
+
+}  // namespace tritlm

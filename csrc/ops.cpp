@@ -1,0 +1,911 @@
+// The per-token float ops. Oracle: tritlm/models/reference.py, and gguf.quants for the weight types.
+//
+// One generic body, three instruction sets. Every kernel is a template over V, a vector of 16
+// floats: one zmm (AVX-512), two ymm (AVX2 + FMA + F16C), or a float[16] the compiler vectorizes
+// for whatever the build targets (SSE2, NEON, nothing). Each ISA gets a table of entry points that
+// carry its target attribute plus `flatten`, which inlines the generic templates and V's methods
+// into code compiled for that ISA; the table is picked at run time by the kernel-set names.
+// Why not target_clones on auto-vectorized loops: f16 conversion, exp and FMA dot products do not
+// auto-vectorize reliably, and named tables let the tests run every ISA on one machine. Nothing
+// needs -m flags, so the file builds unchanged for aarch64 or x86 without AVX (portable only).
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "dispatch.h"
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define TRITLM_X86 1
+#include <immintrin.h>
+#define TRITLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define TRITLM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+// V's registers pass between generic templates that are always inlined into an entry point of
+// their ISA, so GCC's ABI note about standalone copies never applies. GCC 12's AVX-512 headers
+// trip -Wuninitialized on their own _mm512_undefined_* helpers.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace tritlm {
+namespace ops {
+
+namespace {
+inline float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+}  // namespace
+
+float half_to_float(uint16_t h) {
+#if defined(__aarch64__)
+  __fp16 f;  // one fcvt, and loops of them vectorize
+  std::memcpy(&f, &h, 2);
+  return float(f);
+#else
+  // Branch-free so that loops over it vectorize: move exponent and mantissa into place and
+  // rebias 15 -> 127; infinity and NaN need the exponent at 255, and a subnormal m * 2^-24 is
+  // made as 2^-14 * (1 + m/1024) - 2^-14, which is exact.
+  const uint32_t em = uint32_t(h & 0x7fff) << 13, exp = em & 0x0f800000;
+  const uint32_t bits = em + 0x38000000 + (exp == 0x0f800000 ? 0x38000000 : 0) + (exp == 0 ? 0x00800000 : 0);
+  const float f = exp == 0 ? as_float(bits) - 0x1p-14f : as_float(bits);
+  return as_float(as_bits(f) | uint32_t(h & 0x8000) << 16);
+#endif
+}
+
+uint16_t float_to_half(float f) {
+#if defined(__aarch64__)
+  const __fp16 h = f;  // fcvt rounds to nearest even
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+#else
+  uint32_t x = as_bits(f);
+  const uint16_t sign = uint16_t(x >> 16 & 0x8000);
+  x &= 0x7fffffff;
+  if (x > 0x7f800000) return sign | 0x7e00 | (x >> 13 & 0x3ff);  // NaN, made quiet as F16C does
+  if (x >= 0x477ff000) return sign | 0x7c00;                     // 65520 and up round to infinity
+  if (x >= 0x38800000)  // normal half: rebias, then round the 13 dropped bits to nearest even
+    return sign | uint16_t((x - 0x38000000 + 0xfff + (x >> 13 & 1)) >> 13);
+  // Subnormal half: in [0.5, 1) a float's step is 2^-24, the half subnormal step, so adding 0.5
+  // makes the FPU round to nearest even for us.
+  return sign | uint16_t(as_bits(as_float(x) + 0.5f) - 0x3f000000);
+#endif
+}
+
+namespace {
+
+// ------------------------------------------------------------------------- vectors of 16 floats
+
+// Any CPU: loops over 16 lanes that the compiler vectorizes. min/max follow x86's rule (the
+// second operand when either is NaN) so every ISA treats NaN alike.
+struct Portable {
+  struct R { float v[16]; };
+  static constexpr int kRegisterChunks = 4;  // accumulators kept per query in a register pass
+  template <class F> static R map(F f) {
+    R r;
+    for (int i = 0; i < 16; ++i) r.v[i] = f(i);
+    return r;
+  }
+  static R set1(float a) { return map([&](int) { return a; }); }
+  static R zero() { return set1(0.0f); }
+  static R load(const float* p) { R r; std::memcpy(r.v, p, sizeof r.v); return r; }
+  static R load_f16(const uint16_t* p) {
+    uint16_t h[16];
+    std::memcpy(h, p, sizeof h);
+    return map([&](int i) { return half_to_float(h[i]); });
+  }
+  static R load_i8(const int8_t* p) { return map([&](int i) { return float(p[i]); }); }
+  static void store(float* p, R a) { std::memcpy(p, a.v, sizeof a.v); }
+  static void store_f16(uint16_t* p, R a) { for (int i = 0; i < 16; ++i) p[i] = float_to_half(a.v[i]); }
+  static R add(R a, R b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
+  static R sub(R a, R b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
+  static R mul(R a, R b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
+  static R div(R a, R b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
+  static R fma(R a, R b, R c) { return map([&](int i) { return a.v[i] * b.v[i] + c.v[i]; }); }
+  static R min(R a, R b) { return map([&](int i) { return a.v[i] < b.v[i] ? a.v[i] : b.v[i]; }); }
+  static R max(R a, R b) { return map([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
+  // to nearest even, for |a| < 2^22: adding 1.5 * 2^23 leaves no fraction bits
+  static R round(R a) { return map([&](int i) { return (a.v[i] + 0x1.8p23f) - 0x1.8p23f; }); }
+  static float pow2(int32_t n) {  // 2^n for n in [-126, 127]
+    const uint32_t bits = uint32_t(n + 127) << 23;
+    float s;
+    std::memcpy(&s, &bits, 4);
+    return s;
+  }
+  static R scale2(R p, R n) {  // p * 2^n for integral n in [-126, 128], in two exact halves
+    return map([&](int i) {
+      const int32_t e = int32_t(n.v[i] == n.v[i] ? n.v[i] : 0.0f), half = e / 2;
+      return p.v[i] * pow2(half) * pow2(e - half);
+    });
+  }
+  static float sum(R a) {
+    for (int w = 8; w; w /= 2)
+      for (int i = 0; i < w; ++i) a.v[i] += a.v[i + w];
+    return a.v[0];
+  }
+  static void sum4(R a, R b, R c, R d, float* out) {
+    out[0] = sum(a), out[1] = sum(b), out[2] = sum(c), out[3] = sum(d);
+  }
+  static float max_of(R a) {
+    float m = a.v[0];
+    for (int i = 1; i < 16; ++i) m = a.v[i] > m ? a.v[i] : m;
+    return m;
+  }
+  static R load_partial(const float* p, int n) { R r = zero(); std::memcpy(r.v, p, 4 * n); return r; }
+  static R load_partial_f16(const uint16_t* p, int n) {
+    uint16_t h[16] = {};
+    std::memcpy(h, p, 2 * n);
+    return load_f16(h);
+  }
+  static void store_partial(float* p, R a, int n) { std::memcpy(p, a.v, 4 * n); }
+};
+
+#ifdef TRITLM_X86
+struct Avx512 {
+  using R = __m512;
+  static constexpr int kRegisterChunks = 4;  // 32 zmm: 4 queries x 4 chunks of accumulators
+  TRITLM_AVX512 static __mmask16 first(int n) { return __mmask16((1u << n) - 1); }
+  TRITLM_AVX512 static R set1(float a) { return _mm512_set1_ps(a); }
+  TRITLM_AVX512 static R zero() { return _mm512_setzero_ps(); }
+  TRITLM_AVX512 static R load(const float* p) { return _mm512_loadu_ps(p); }
+  TRITLM_AVX512 static R load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  TRITLM_AVX512 static R load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  TRITLM_AVX512 static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
+  TRITLM_AVX512 static void store_f16(uint16_t* p, R a) {
+    const __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+  TRITLM_AVX512 static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  TRITLM_AVX512 static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  TRITLM_AVX512 static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  TRITLM_AVX512 static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  TRITLM_AVX512 static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  TRITLM_AVX512 static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  TRITLM_AVX512 static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  TRITLM_AVX512 static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  TRITLM_AVX512 static R scale2(R p, R n) { return _mm512_scalef_ps(p, n); }
+  TRITLM_AVX512 static float sum(R a) { return _mm512_reduce_add_ps(a); }
+  TRITLM_AVX512 static void sum4(R a, R b, R c, R d, float* out) {  // 4 horizontal sums at once
+    const R ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const R cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // a b c d in each 128 bits, then the four 128-bit parts added
+    const R abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
+  }
+  TRITLM_AVX512 static float max_of(R a) { return _mm512_reduce_max_ps(a); }
+  TRITLM_AVX512 static R load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  TRITLM_AVX512 static R load_partial_f16(const uint16_t* p, int n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p));
+  }
+  TRITLM_AVX512 static void store_partial(float* p, R a, int n) { _mm512_mask_storeu_ps(p, first(n), a); }
+};
+
+struct Avx2 {
+  struct R { __m256 lo, hi; };
+  static constexpr int kRegisterChunks = 2;  // 16 ymm
+  TRITLM_AVX2 static R set1(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+  TRITLM_AVX2 static R zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  TRITLM_AVX2 static R load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  TRITLM_AVX2 static R load_f16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+  }
+  TRITLM_AVX2 static R load_i8(const int8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+  }
+  TRITLM_AVX2 static void store(float* p, R a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
+  TRITLM_AVX2 static void store_f16(uint16_t* p, R a) {
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a.lo, kNearest));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(a.hi, kNearest));
+  }
+  TRITLM_AVX2 static R add(R a, R b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+  TRITLM_AVX2 static R sub(R a, R b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+  TRITLM_AVX2 static R mul(R a, R b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  TRITLM_AVX2 static R div(R a, R b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+  TRITLM_AVX2 static R fma(R a, R b, R c) {
+    return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+  }
+  TRITLM_AVX2 static R min(R a, R b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+  TRITLM_AVX2 static R max(R a, R b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+  TRITLM_AVX2 static R round(R a) {
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    return {_mm256_round_ps(a.lo, kNearest), _mm256_round_ps(a.hi, kNearest)};
+  }
+  TRITLM_AVX2 static __m256 scale2(__m256 p, __m256 n) {  // p * 2^n for integral n in [-126, 128]
+    const __m256i e = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(e, 1), bias = _mm256_set1_epi32(127);
+    const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+    const __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, half), bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, a), b);  // two exact halves: 2^128 is no float
+  }
+  TRITLM_AVX2 static R scale2(R p, R n) { return {scale2(p.lo, n.lo), scale2(p.hi, n.hi)}; }
+  TRITLM_AVX2 static float sum(R a) {
+    const __m256 s = _mm256_add_ps(a.lo, a.hi);
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  }
+  TRITLM_AVX2 static void sum4(R a, R b, R c, R d, float* out) {
+    const __m256 ab = _mm256_hadd_ps(_mm256_add_ps(a.lo, a.hi), _mm256_add_ps(b.lo, b.hi));
+    const __m256 cd = _mm256_hadd_ps(_mm256_add_ps(c.lo, c.hi), _mm256_add_ps(d.lo, d.hi));
+    const __m256 abcd = _mm256_hadd_ps(ab, cd);  // a b c d in each 128-bit half
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+  }
+  TRITLM_AVX2 static float max_of(R a) {
+    const __m256 s = _mm256_max_ps(a.lo, a.hi);
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+  }
+  TRITLM_AVX2 static R load_partial(const float* p, int n) {
+    float f[16] = {};
+    std::memcpy(f, p, 4 * n);
+    return load(f);
+  }
+  TRITLM_AVX2 static R load_partial_f16(const uint16_t* p, int n) {
+    uint16_t h[16] = {};
+    std::memcpy(h, p, 2 * n);
+    return load_f16(h);
+  }
+  TRITLM_AVX2 static void store_partial(float* p, R a, int n) {
+    float f[16];
+    store(f, a);
+    std::memcpy(p, f, 4 * n);
+  }
+};
+#endif
+
+template <class V> using Vec = typename V::R;
+
+template <class V> Vec<V> load_n(const float* p, int n) { return n == 16 ? V::load(p) : V::load_partial(p, n); }
+template <class V> Vec<V> load_n(const uint16_t* p, int n) {
+  return n == 16 ? V::load_f16(p) : V::load_partial_f16(p, n);
+}
+template <class V> void store_n(float* p, const Vec<V>& a, int n) {
+  if (n == 16) V::store(p, a);
+  else V::store_partial(p, a, n);
+}
+
+// e^x: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial), within ~2 ulp. Below
+// -87.3 the result stays ~1e-38 (2^n a normal float), which neither softmax nor SiLU can tell
+// from 0; past ln(FLT_MAX) it is infinity, as in NumPy. NaN stays NaN.
+template <class V> Vec<V> vexp(const Vec<V>& x_in) {
+  const Vec<V> x = V::max(V::set1(-87.3f), V::min(V::set1(88.72f), x_in));
+  const Vec<V> n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+  Vec<V> r = V::fma(n, V::set1(-0.693359375f), x);
+  r = V::fma(n, V::set1(2.12194440e-4f), r);
+  Vec<V> p = V::set1(1.9875691500e-4f);
+  p = V::fma(p, r, V::set1(1.3981999507e-3f));
+  p = V::fma(p, r, V::set1(8.3334519073e-3f));
+  p = V::fma(p, r, V::set1(4.1665795894e-2f));
+  p = V::fma(p, r, V::set1(1.6666665459e-1f));
+  p = V::fma(p, r, V::set1(5.0000001201e-1f));
+  p = V::fma(p, V::mul(r, r), V::add(r, V::set1(1.0f)));
+  // (x - ln(FLT_MAX)) * inf is -inf below and +inf above; max(NaN, y) is y
+  return V::max(V::mul(V::sub(x_in, V::set1(88.7228394f)), V::set1(INFINITY)), V::scale2(p, n));
+}
+
+// ------------------------------------------------------------------------------------ RMSNorm
+
+struct NormArgs {
+  const float* x;
+  const float* w;
+  int64_t D;
+  double eps;
+  float* out;
+};
+
+template <class V> void rms_norm_rows(const NormArgs& a, int64_t begin, int64_t end) {
+  const int64_t D = a.D;
+  for (int64_t t = begin; t < end; ++t) {
+    const float* x = a.x + t * D;
+    float* y = a.out + t * D;
+    double acc[8] = {};  // a float's square is exact in double; 8 partial sums vectorize
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += double(x[i + j]) * x[i + j];
+    for (; i < D; ++i) acc[0] += double(x[i]) * x[i];
+    double sum = 0.0;
+    for (double s : acc) sum += s;
+    // NaN anywhere makes the row NaN, and infinity makes s = 0 (so inf * 0 = NaN there), as in
+    // the reference: no error, the next quantize call rejects non-finite activations.
+    const Vec<V> s = V::set1(float(1.0 / std::sqrt(sum / double(D) + a.eps)));
+    for (i = 0; i < D; i += 16) {  // (x * s) * w, the reference's order
+      const int n = int(std::min<int64_t>(16, D - i));
+      store_n<V>(y + i, V::mul(V::mul(load_n<V>(x + i, n), s), load_n<V>(a.w + i, n)), n);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- KV cache rows
+
+template <class V> void to_f16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) V::store_f16(dst + i, V::load(src + i));
+  for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
+// ----------------------------------------------------------------------------------- gated FFN
+
+struct GatedArgs {
+  const float* gate;
+  const float* up;
+  float* out;
+  bool relu2;
+};
+
+template <class V> Vec<V> gated16(const Vec<V>& g, const Vec<V>& u, bool relu2) {
+  if (relu2) {
+    const Vec<V> m = V::max(V::zero(), g);  // max(0, NaN) is NaN: NaN propagates like np.maximum
+    return V::mul(V::mul(m, m), u);
+  }
+  return V::mul(V::div(g, V::add(V::set1(1.0f), vexp<V>(V::sub(V::zero(), g)))), u);
+}
+
+template <class V> void gated_range(const GatedArgs& a, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; i += 16) {
+    const int n = int(std::min<int64_t>(16, end - i));
+    store_n<V>(a.out + i, gated16<V>(load_n<V>(a.gate + i, n), load_n<V>(a.up + i, n), a.relu2), n);
+  }
+}
+
+// ----------------------------------------------------------------------------------- attention
+
+struct AttentionArgs {
+  Attention a;
+  float scale;    // 1 / sqrt(D)
+  int64_t chunk;  // query heads per work item
+};
+
+// A head's rows lie Hkv * D apart in the cache, a stride the hardware prefetchers follow
+// poorly: ask for the rows kRowsAhead ahead (bytes of each, from p), if `inside` the range,
+// into L2 (an L1 prefetch would hold a fill buffer for the whole trip from DRAM).
+constexpr int64_t kRowsAhead = 32;
+template <class C> inline void prefetch_rows(const C* p, int64_t stride, int rows, int64_t bytes, bool inside) {
+  if (!inside) return;
+  for (int r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(p + r * stride) + o, 0, 1);
+}
+
+// scores[i * L + r] = scale * q_i . k_r for Q queries (qs: zero-padded to nc chunks) and NK
+// consecutive key rows: Q x NK independent FMA chains, each query load shared by the rows.
+template <class V, class C, int Q, int NK>
+void key_dots(const C* k, int64_t stride, const float* qs, int64_t nc, int last, float scale, float* scores,
+              int64_t L) {
+  using R = Vec<V>;
+  R s[NK][4];
+  for (int r = 0; r < NK; ++r)
+    for (int i = 0; i < 4; ++i) s[r][i] = V::zero();
+  for (int64_t c = 0; c < nc; ++c) {
+    R kc[NK];
+    for (int r = 0; r < NK; ++r) kc[r] = load_n<V>(k + r * stride + 16 * c, c + 1 < nc ? 16 : last);
+    for (int i = 0; i < Q; ++i) {
+      const R qc = V::load(qs + (i * nc + c) * 16);
+      for (int r = 0; r < NK; ++r) s[r][i] = V::fma(qc, kc[r], s[r][i]);
+    }
+  }
+  for (int r = 0; r < NK; ++r) {
+    float dots[4];
+    V::sum4(s[r][0], s[r][1], s[r][2], s[r][3], dots);  // the horizontal sums cost more than the FMAs: batch them
+    for (int i = 0; i < Q; ++i) scores[i * L + r] = dots[i] * scale;
+  }
+}
+
+// out[i][0, width) = inv[i] * sum_j p[i][j] v_j[0, width) for Q queries, width <= 16 G: the
+// accumulators fit in registers. Full: width is 16 G, so no chunk needs a mask.
+template <class V, class C, int Q, bool Full>
+void weighted_sum(const C* v, int64_t stride, const float* p, int64_t L, const float* inv, float* out,
+                  int64_t out_stride, int width) {
+  using R = Vec<V>;
+  constexpr int G = V::kRegisterChunks;
+  int n[G];
+  for (int c = 0; c < G; ++c) n[c] = Full ? 16 : std::clamp(width - 16 * c, 0, 16);
+  R o[Q][G];
+  for (int i = 0; i < Q; ++i)
+    for (int c = 0; c < G; ++c) o[i][c] = V::zero();
+  for (int64_t j = 0; j < L; ++j, v += stride) {
+    prefetch_rows(v + kRowsAhead * stride, stride, 1, 16 * G * int64_t(sizeof(C)), j + kRowsAhead < L);
+    R w[Q];
+    for (int i = 0; i < Q; ++i) w[i] = V::set1(p[i * L + j]);
+    for (int c = 0; c < G; ++c) {
+      const R vc = Full ? load_n<V>(v + 16 * c, 16) : load_n<V>(v + 16 * c, n[c]);
+      for (int i = 0; i < Q; ++i) o[i][c] = V::fma(w[i], vc, o[i][c]);
+    }
+  }
+  for (int i = 0; i < Q; ++i)
+    for (int c = 0; c < G; ++c)
+      if (n[c]) store_n<V>(out + i * out_stride + 16 * c, V::mul(o[i][c], V::set1(inv[i])), n[c]);
+}
+
+// s[j] = e^(s[j] - max s), shifted by the maximum so nothing overflows; returns 1 / their sum.
+template <class V> float softmax_numerators(float* s, int64_t L) {
+  using R = Vec<V>;
+  R m16 = V::set1(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= L; j += 16) m16 = V::max(m16, V::load(s + j));
+  float m = V::max_of(m16);
+  for (; j < L; ++j) m = s[j] > m ? s[j] : m;
+  R total = V::zero();
+  for (j = 0; j < L; j += 16) {
+    const int n = int(std::min<int64_t>(16, L - j));
+    const R e = vexp<V>(V::sub(load_n<V>(s + j, n), V::set1(m)));
+    if (n == 16) {
+      V::store(s + j, e);
+      total = V::add(total, e);
+    } else {  // the padding lanes hold e^-m: keep them out of the sum
+      float tail[16] = {};
+      V::store_partial(tail, e, n);
+      std::memcpy(s + j, tail, 4 * size_t(n));
+      total = V::add(total, V::load(tail));
+    }
+  }
+  return 1.0f / V::sum(total);
+}
+
+// Query heads h0 .. h0+Q-1 of token t, all reading KV head g: each key and value row is loaded
+// once for the Q of them. Two passes over the cache: scores and softmax, then the weighted sum.
+template <class V, class C, int Q>
+void attend(const AttentionArgs& args, int64_t t, int64_t g, int64_t h0, std::vector<float>& buf) {
+  const Attention& a = args.a;
+  const int64_t D = a.D, nc = (D + 15) / 16, L = int64_t(a.positions[t]) + 1, stride = a.Hkv * D;
+  const int last = int(D - 16 * (nc - 1));  // elements in the last chunk of a row
+  const C* keys = static_cast<const C*>(a.k) + g * D;
+  const C* values = static_cast<const C*>(a.v) + g * D;
+  buf.resize(size_t(Q * (L + 16 * nc)));
+  float* scores = buf.data();  // [Q][L]
+  float* qs = scores + Q * L;  // [Q][nc * 16], zero-padded
+  for (int i = 0; i < Q; ++i) {
+    std::fill(qs + i * nc * 16, qs + (i + 1) * nc * 16, 0.0f);
+    std::memcpy(qs + i * nc * 16, a.q + (t * a.Hq + h0 + i) * D, 4 * D);
+  }
+
+  int64_t j = 0;
+  for (; j + 2 <= L; j += 2) {
+    prefetch_rows(keys + (j + kRowsAhead) * stride, stride, 2, D * int64_t(sizeof(C)), j + kRowsAhead + 2 <= L);
+    key_dots<V, C, Q, 2>(keys + j * stride, stride, qs, nc, last, args.scale, scores + j, L);
+  }
+  if (j < L) key_dots<V, C, Q, 1>(keys + j * stride, stride, qs, nc, last, args.scale, scores + j, L);
+
+  float inv[Q];
+  for (int i = 0; i < Q; ++i) inv[i] = softmax_numerators<V>(scores + i * L, L);
+
+  // Weighted sum of the values, a few chunks of D at a time so that the accumulators stay in
+  // registers; a pass reads only its part of each row.
+  constexpr int G = V::kRegisterChunks;
+  for (int64_t c0 = 0; c0 < nc; c0 += G) {
+    float* out = a.out + (t * a.Hq + h0) * D + 16 * c0;
+    if (D - 16 * c0 >= 16 * G) weighted_sum<V, C, Q, true>(values + 16 * c0, stride, scores, L, inv, out, D, G * 16);
+    else weighted_sum<V, C, Q, false>(values + 16 * c0, stride, scores, L, inv, out, D, int(D - 16 * c0));
+  }
+}
+
+template <class V, class C>
+void attend_heads(const AttentionArgs& args, int64_t t, int64_t g, int64_t h0, int q, std::vector<float>& buf) {
+  switch (q) {
+    case 1: return attend<V, C, 1>(args, t, g, h0, buf);
+    case 2: return attend<V, C, 2>(args, t, g, h0, buf);
+    case 3: return attend<V, C, 3>(args, t, g, h0, buf);
+    default: return attend<V, C, 4>(args, t, g, h0, buf);
+  }
+}
+
+// Work items [begin, end): item i is (token, KV head, chunk of that head's queries), chunk fastest.
+template <class V> void attention_items(const AttentionArgs& args, int64_t begin, int64_t end) {
+  thread_local std::vector<float> buf;
+  const Attention& a = args.a;
+  const int64_t group = a.Hq / a.Hkv, chunks = (group + args.chunk - 1) / args.chunk;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t c = i % chunks, g = i / chunks % a.Hkv, t = i / chunks / a.Hkv;
+    const int64_t h0 = g * group + c * args.chunk;
+    const int q = int(std::min(args.chunk, group - c * args.chunk));
+    if (a.f16) attend_heads<V, uint16_t>(args, t, g, h0, q, buf);
+    else attend_heads<V, float>(args, t, g, h0, q, buf);
+  }
+}
+
+// ------------------------------------------------------------------ LM head and embedding rows
+
+// A row's 16 elements starting at column k (k a multiple of 16) as floats, and one element.
+struct RowF32 {
+  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
+    return V::load(reinterpret_cast<const float*>(row) + k);
+  }
+  static float at(const uint8_t* row, int64_t k) { float f; std::memcpy(&f, row + 4 * k, 4); return f; }
+};
+
+struct RowF16 {
+  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
+    return V::load_f16(reinterpret_cast<const uint16_t*>(row) + k);
+  }
+  static float at(const uint8_t* row, int64_t k) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * k, 2);
+    return half_to_float(h);
+  }
+};
+
+// Q8_0: blocks of 32, 34 bytes: f16 d, then 32 int8 q; value = q * d.
+struct RowQ8_0 {
+  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
+    const uint8_t* b = row + k / 32 * 34;
+    return V::mul(V::load_i8(reinterpret_cast<const int8_t*>(b + 2 + k % 32)), V::set1(RowF16::at(b, 0)));
+  }
+  static float at(const uint8_t* row, int64_t k) {
+    const uint8_t* b = row + k / 32 * 34;
+    return float(int8_t(b[2 + k % 32])) * RowF16::at(b, 0);
+  }
+};
+
+// Q6_K: blocks of 256, 210 bytes: ql[128], qh[64], int8 scales[16], f16 d. In half h (128
+// elements), element 128h + r takes its low 4 bits from ql[64h + r % 64] (bits 0-3 for r < 64,
+// else 4-7) and its high 2 bits from qh[32h + r % 32] at bit 2 (r / 32); value =
+// (d * scales[e / 16]) * (q - 32), the product order of gguf.quants.
+struct RowQ6_K {
+  static void codes(const uint8_t* b, int64_t e, int n, int8_t* q) {
+    const int64_t h = e / 128, r = e % 128;
+    const uint8_t* ql = b + 64 * h + r % 64;
+    const uint8_t* qh = b + 128 + 32 * h + r % 32;
+    const int lo_shift = int(r / 64 * 4), hi_shift = int(r / 32 * 2);
+    for (int i = 0; i < n; ++i) q[i] = int8_t(((ql[i] >> lo_shift & 15) | (qh[i] >> hi_shift & 3) << 4) - 32);
+  }
+  static float scale(const uint8_t* b, int64_t e) { return RowF16::at(b + 208, 0) * float(int8_t(b[192 + e / 16])); }
+  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
+    const uint8_t* b = row + k / 256 * 210;
+    int8_t q[16];
+    codes(b, k % 256, 16, q);  // 16 elements share one scale
+    return V::mul(V::set1(scale(b, k % 256)), V::load_i8(q));
+  }
+  static float at(const uint8_t* row, int64_t k) {
+    const uint8_t* b = row + k / 256 * 210;
+    int8_t q;
+    codes(b, k % 256, 1, &q);
+    return scale(b, k % 256) * float(q);
+  }
+};
+
+template <class V, class Row> void dequantize_row(const uint8_t* row, int64_t D, float* out) {
+  int64_t k = 0;
+  for (; k + 16 <= D; k += 16) V::store(out + k, Row::template load<V>(row, k));
+  for (; k < D; ++k) out[k] = Row::at(row, k);
+}
+
+struct HeadArgs {
+  const float* x;  // [T, D]
+  int64_t T, D;
+  const uint8_t* w;  // [vocab] rows of row_bytes
+  int64_t vocab, row_bytes;
+  WeightType type;
+  float* out;  // [T, V]
+};
+
+constexpr int kHeadTokens = 4;   // tokens per pass: each weight load feeds up to 4 x 4 FMAs
+constexpr int64_t kGroup = 64;   // rows kept in L2 while every token passes over them
+
+// out[t0 .. t0+NT) x [r0, r0+NR): NR rows (at `rows`, row_bytes apart) against NT tokens,
+// NR x NT accumulators sharing each load. `ahead` (decode only) is the next block of rows:
+// prefetched a little per step, so it arrives while this block computes.
+template <class V, class Row, int NR, int NT>
+void head_block(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
+                const uint8_t* ahead, int64_t ahead_bytes) {
+  using R = Vec<V>;
+  const int64_t D = h.D, steps = D / 16;
+  const int64_t ahead_step = ahead && steps ? ((ahead_bytes + steps - 1) / steps + 63) & ~int64_t(63) : 0;
+  const float* x = h.x + t0 * D;
+  R acc[NT][NR];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < NR; ++r) acc[t][r] = V::zero();
+  for (int64_t s = 0; s < steps; ++s) {
+    if (ahead)
+      for (int64_t o = s * ahead_step; o < std::min((s + 1) * ahead_step, ahead_bytes); o += 64)
+        __builtin_prefetch(ahead + o, 0, 1);
+    R w[NR];
+    for (int r = 0; r < NR; ++r) w[r] = Row::template load<V>(rows + r * row_bytes, 16 * s);
+    for (int t = 0; t < NT; ++t) {
+      const R xv = V::load(x + t * D + 16 * s);
+      for (int r = 0; r < NR; ++r) acc[t][r] = V::fma(w[r], xv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < NR; ++r) {
+      float sum = V::sum(acc[t][r]);
+      for (int64_t k = 16 * steps; k < D; ++k) sum += Row::at(rows + r * row_bytes, k) * x[t * D + k];
+      h.out[(t0 + t) * h.vocab + r0 + r] = sum;
+    }
+}
+
+template <class V, class Row, int NR>
+void head_block_tokens(int nt, const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
+                       const uint8_t* ahead, int64_t ahead_bytes) {
+  switch (nt) {
+    case 1: return head_block<V, Row, NR, 1>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 2: return head_block<V, Row, NR, 2>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 3: return head_block<V, Row, NR, 3>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    default: return head_block<V, Row, NR, 4>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+  }
+}
+
+// Rows [begin, end) for every token; `w` points at row `begin`. Groups of rows stay in L2 while
+// all tokens pass over them, in blocks of 4 rows x 4 tokens.
+template <class V, class Row>
+void head_slice(const HeadArgs& h, const uint8_t* w, int64_t row_bytes, int64_t begin, int64_t end) {
+  constexpr int NR = 4;
+  const bool decode = h.T <= kHeadTokens;  // one pass over the rows: prefetch ahead of it
+  for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
+    const int64_t g1 = std::min(end, g0 + kGroup);
+    for (int64_t t0 = 0; t0 < h.T; t0 += kHeadTokens) {
+      const int nt = int(std::min<int64_t>(kHeadTokens, h.T - t0));
+      int64_t r0 = g0;
+      for (; r0 + NR <= g1; r0 += NR) {
+        const uint8_t* rows = w + (r0 - begin) * row_bytes;
+        const int64_t ahead_rows = decode ? std::min<int64_t>(NR, end - r0 - NR) : 0;
+        head_block_tokens<V, Row, NR>(nt, h, rows, row_bytes, r0, t0, ahead_rows > 0 ? rows + NR * row_bytes : nullptr,
+                                      ahead_rows * row_bytes);
+      }
+      for (; r0 < g1; ++r0)
+        head_block_tokens<V, Row, 1>(nt, h, w + (r0 - begin) * row_bytes, row_bytes, r0, t0, nullptr, 0);
+    }
+  }
+}
+
+// Many tokens over a quantized matrix: dequantize each group of rows once, then run the f32 path.
+template <class V, class Row> void head_slice_dequantized(const HeadArgs& h, int64_t begin, int64_t end) {
+  thread_local std::vector<float> rows;
+  rows.resize(size_t(kGroup * h.D));
+  for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
+    const int64_t g1 = std::min(end, g0 + kGroup);
+    for (int64_t r = g0; r < g1; ++r) dequantize_row<V, Row>(h.w + r * h.row_bytes, h.D, rows.data() + (r - g0) * h.D);
+    head_slice<V, RowF32>(h, reinterpret_cast<const uint8_t*>(rows.data()), 4 * h.D, g0, g1);
+  }
+}
+
+template <class V> void head_rows(const HeadArgs& h, int64_t begin, int64_t end) {
+  const uint8_t* w = h.w + begin * h.row_bytes;
+  const bool many = h.T > kHeadTokens;
+  switch (h.type) {
+    case WeightType::F32: return head_slice<V, RowF32>(h, w, h.row_bytes, begin, end);
+    case WeightType::F16: return head_slice<V, RowF16>(h, w, h.row_bytes, begin, end);
+    case WeightType::Q8_0:
+      return many ? head_slice_dequantized<V, RowQ8_0>(h, begin, end)
+                  : head_slice<V, RowQ8_0>(h, w, h.row_bytes, begin, end);
+    case WeightType::Q6_K:
+      return many ? head_slice_dequantized<V, RowQ6_K>(h, begin, end)
+                  : head_slice<V, RowQ6_K>(h, w, h.row_bytes, begin, end);
+  }
+}
+
+struct EmbedArgs {
+  const uint8_t* w;
+  int64_t D, row_bytes;
+  WeightType type;
+  const int32_t* ids;
+  int64_t T;
+  float* out;
+};
+
+template <class V> void embed_rows(const EmbedArgs& e) {
+  for (int64_t t = 0; t < e.T; ++t) {
+    const uint8_t* row = e.w + e.ids[t] * e.row_bytes;
+    float* out = e.out + t * e.D;
+    switch (e.type) {
+      case WeightType::F32: dequantize_row<V, RowF32>(row, e.D, out); break;
+      case WeightType::F16: dequantize_row<V, RowF16>(row, e.D, out); break;
+      case WeightType::Q8_0: dequantize_row<V, RowQ8_0>(row, e.D, out); break;
+      case WeightType::Q6_K: dequantize_row<V, RowQ6_K>(row, e.D, out); break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------- entry points of each ISA
+
+struct OpTable {
+  void (*rms_norm)(const NormArgs&, int64_t, int64_t);
+  void (*to_f16)(const float*, uint16_t*, int64_t);
+  void (*gated)(const GatedArgs&, int64_t, int64_t);
+  void (*attention)(const AttentionArgs&, int64_t, int64_t);
+  void (*head)(const HeadArgs&, int64_t, int64_t);
+  void (*embed)(const EmbedArgs&);
+};
+
+// ATTR compiles the entry points for one ISA, and flatten inlines everything below them (the
+// generic templates and V's methods), so that is compiled for it too.
+#define TRITLM_OP_TABLE(NAME, V, ATTR)                                                                         \
+  ATTR __attribute__((flatten)) void NAME##_rms_norm(const NormArgs& a, int64_t b, int64_t e) {               \
+    rms_norm_rows<V>(a, b, e);                                                                                 \
+  }                                                                                                            \
+  ATTR __attribute__((flatten)) void NAME##_to_f16(const float* s, uint16_t* d, int64_t n) { to_f16<V>(s, d, n); } \
+  ATTR __attribute__((flatten)) void NAME##_gated(const GatedArgs& a, int64_t b, int64_t e) {                 \
+    gated_range<V>(a, b, e);                                                                                   \
+  }                                                                                                            \
+  ATTR __attribute__((flatten)) void NAME##_attention(const AttentionArgs& a, int64_t b, int64_t e) {         \
+    attention_items<V>(a, b, e);                                                                               \
+  }                                                                                                            \
+  ATTR __attribute__((flatten)) void NAME##_head(const HeadArgs& h, int64_t b, int64_t e) { head_rows<V>(h, b, e); } \
+  ATTR __attribute__((flatten)) void NAME##_embed(const EmbedArgs& a) { embed_rows<V>(a); }                    \
+  const OpTable NAME##_ops = {NAME##_rms_norm,  NAME##_to_f16, NAME##_gated,                                  \
+                              NAME##_attention, NAME##_head,   NAME##_embed};
+
+TRITLM_OP_TABLE(portable, Portable, )
+#ifdef TRITLM_X86
+TRITLM_OP_TABLE(avx2, Avx2, TRITLM_AVX2)
+TRITLM_OP_TABLE(avx512, Avx512, TRITLM_AVX512)
+#endif
+
+const OpTable& ops_for(Isa isa) {
+#ifdef TRITLM_X86
+  if (isa == Isa::avx512) return avx512_ops;
+  if (isa == Isa::avx2) return avx2_ops;
+#endif
+  (void)isa;
+  return portable_ops;
+}
+
+// Threads for `work` units of roughly equal cost: one per `min_work` units, at most n_threads
+// (waking the pool costs microseconds, more than a small op).
+int threads_for(int64_t work, int64_t min_work, int n_threads) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(n_threads, work / min_work)));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------- the API
+
+Isa isa_named(const std::string& name) {
+  kernels_named(name);  // throws unless this CPU runs it
+#ifdef TRITLM_X86
+  if (name == "avx512") return Isa::avx512;
+  if (name == "avx2") return __builtin_cpu_supports("f16c") ? Isa::avx2 : Isa::portable;
+#endif
+  return Isa::portable;
+}
+
+bool weight_type_named(const std::string& name, WeightType* type) {
+  static const std::pair<const char*, WeightType> names[] = {
+      {"F32", WeightType::F32}, {"F16", WeightType::F16}, {"Q8_0", WeightType::Q8_0}, {"Q6_K", WeightType::Q6_K}};
+  for (const auto& [n, t] : names)
+    if (name == n) {
+      *type = t;
+      return true;
+    }
+  return false;
+}
+
+int64_t block_elements(WeightType type) {
+  return type == WeightType::Q8_0 ? 32 : type == WeightType::Q6_K ? 256 : 1;
+}
+
+int64_t block_bytes(WeightType type) {
+  switch (type) {
+    case WeightType::F32: return 4;
+    case WeightType::F16: return 2;
+    case WeightType::Q8_0: return 34;
+    case WeightType::Q6_K: return 210;
+  }
+  return 0;
+}
+
+void rms_norm(Isa isa, const float* x, const float* weight, int64_t T, int64_t D, double eps, float* out,
+              int n_threads) {
+  const NormArgs a{x, weight, D, eps, out};
+  const OpTable& ops = ops_for(isa);
+  parallel_for(threads_for(T * D, 1 << 15, n_threads), T, [&](int64_t b, int64_t e) { ops.rms_norm(a, b, e); });
+}
+
+namespace {
+// theta^(-2i/D) for i < D/2, computed once per (D, theta): a model uses one or two.
+std::shared_ptr<const std::vector<double>> inverse_frequencies(int64_t D, double theta) {
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, double>, std::shared_ptr<const std::vector<double>>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& entry = cache[{D, theta}];
+  if (!entry) {
+    auto f = std::make_shared<std::vector<double>>(size_t(D / 2));
+    for (int64_t i = 0; i < D / 2; ++i) (*f)[size_t(i)] = std::pow(theta, -double(2 * i) / double(D));
+    entry = f;
+  }
+  return entry;
+}
+}  // namespace
+
+void rope(float* x, const int32_t* positions, int64_t T, int64_t H, int64_t D, double theta, bool neox,
+          int n_threads) {
+  const auto freq = inverse_frequencies(D, theta);
+  const int64_t half = D / 2;
+  // Small and dominated by cos/sin (once per token and pair, shared by the heads): plain C++.
+  parallel_for(threads_for(T * H * D, 1 << 15, n_threads), T, [&](int64_t begin, int64_t end) {
+    std::vector<float> cs(static_cast<size_t>(D));  // cos of each pair, then sin
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = double(positions[t]) * (*freq)[size_t(i)];
+        cs[size_t(i)] = float(std::cos(angle));
+        cs[size_t(half + i)] = float(std::sin(angle));
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* v = x + (t * H + h) * D;
+        const int64_t step = neox ? 1 : 2, offset = neox ? half : 1;  // pair i: (i, i + D/2) or (2i, 2i + 1)
+        for (int64_t i = 0; i < half; ++i) {
+          float& a = v[i * step];
+          float& b = v[i * step + offset];
+          const float c = cs[size_t(i)], s = cs[size_t(half + i)], a0 = a, b0 = b;
+          a = a0 * c - b0 * s;
+          b = b0 * c + a0 * s;
+        }
+      }
+    }
+  });
+}
+
+void store_rows(Isa isa, const float* src, int64_t n, void* dst, bool f16) {
+  if (f16) ops_for(isa).to_f16(src, static_cast<uint16_t*>(dst), n);
+  else std::memcpy(dst, src, size_t(n) * 4);
+}
+
+void attention(Isa isa, const Attention& a, int n_threads) {
+  const int64_t group = a.Hq / a.Hkv;
+  // The query heads of one KV head share every key and value load; split them into smaller
+  // chunks only when there are too few (token, KV head) pairs to give every thread work.
+  int64_t chunk = std::min<int64_t>(group, 4);
+  auto items_for = [&](int64_t c) { return a.T * a.Hkv * ((group + c - 1) / c); };
+  while (chunk > 1 && items_for(chunk) < n_threads) chunk = (chunk + 1) / 2;
+  const int64_t n_items = items_for(chunk), chunks = n_items / (a.T * a.Hkv);
+  const AttentionArgs args{a, float(1.0 / std::sqrt(double(a.D))), chunk};
+
+  // An item costs about its cache length: cut the items into contiguous runs of equal cost
+  // (a prompt's late tokens see many more rows than its early ones).
+  std::vector<int64_t> start(size_t(n_items) + 1, 0);
+  for (int64_t i = 0; i < n_items; ++i)
+    start[size_t(i) + 1] = start[size_t(i)] + a.positions[i / chunks / a.Hkv] + 1 + 8;  // + per-item overhead
+  const int64_t total = start.back();
+  const int threads = threads_for(total * a.D * chunk, 1 << 16, std::min<int64_t>(n_threads, n_items));
+  std::vector<int64_t> bounds(size_t(threads) + 1);
+  for (int64_t w = 0, i = 0; w <= threads; ++w) {  // thread w: the items whose midpoint lies in its share
+    while (i < n_items && (start[size_t(i)] + start[size_t(i) + 1]) * threads < 2 * total * w) ++i;
+    bounds[size_t(w)] = i;
+  }
+  bounds[size_t(threads)] = n_items;
+  const OpTable& ops = ops_for(isa);
+  parallel_for(threads, threads, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) ops.attention(args, bounds[size_t(w)], bounds[size_t(w) + 1]);
+  });
+}
+
+void gated(Isa isa, const float* gate, const float* up, int64_t n, bool relu2, float* out, int n_threads) {
+  const GatedArgs a{gate, up, out, relu2};
+  const OpTable& ops = ops_for(isa);
+  constexpr int64_t kUnit = 1024;  // slices start on whole vectors
+  parallel_for(threads_for(n, 1 << 15, n_threads), (n + kUnit - 1) / kUnit,
+               [&](int64_t b, int64_t e) { ops.gated(a, b * kUnit, std::min(e * kUnit, n)); });
+}
+
+void head_matmul(Isa isa, const float* x, int64_t T, int64_t D, const uint8_t* w, int64_t V, WeightType type,
+                 float* out, int n_threads) {
+  const HeadArgs h{x, T, D, w, V, D / block_elements(type) * block_bytes(type), type, out};
+  const OpTable& ops = ops_for(isa);
+  constexpr int64_t kUnit = 16;  // rows per unit of work: slices hold whole 4-row blocks
+  parallel_for(threads_for(T * V * D, 1 << 18, n_threads), (V + kUnit - 1) / kUnit,
+               [&](int64_t b, int64_t e) { ops.head(h, b * kUnit, std::min(e * kUnit, V)); });
+}
+
+void embedding_rows(Isa isa, const uint8_t* w, int64_t D, WeightType type, const int32_t* ids, int64_t T,
+                    float* out) {
+  ops_for(isa).embed({w, D, D / block_elements(type) * block_bytes(type), type, ids, T, out});
+}
+
+}  // namespace ops
+}  // namespace tritlm

@@ -1,0 +1,64 @@
+// The per-token float ops of the engine (ops.cpp): RMSNorm, RoPE, the KV cache, attention, gated
+// activations, the LM head and the embedding lookup. Plain pointers in: the bindings
+// (ops_bindings.cpp) have checked every shape, type and bound before a call.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace tritlm {
+namespace ops {
+
+enum class Isa { portable, avx2, avx512 };
+
+// The ops' instruction set for a kernel-set name ("avx512", "avx2", "portable"); throws
+// std::invalid_argument when this CPU cannot run it.
+Isa isa_named(const std::string& name);
+
+// Tensor types of a token embedding / LM head, as GGUF names them.
+enum class WeightType { F32, F16, Q8_0, Q6_K };
+bool weight_type_named(const std::string& name, WeightType* type);
+int64_t block_elements(WeightType type);  // 1, 1, 32, 256: a row's length must be a multiple
+int64_t block_bytes(WeightType type);     // 4, 2, 34, 210
+
+// IEEE half <-> float; float_to_half rounds to nearest even, as F16C and NumPy do.
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
+
+// out[t] = x[t] * (float)(1 / sqrt(mean(x[t]^2) + eps)) * weight, the mean in double.
+void rms_norm(Isa isa, const float* x, const float* weight, int64_t T, int64_t D, double eps, float* out,
+              int n_threads);
+
+// Rotates x [T, H, D] in place: pairs (i, i + D/2) (neox) or (2i, 2i + 1), angle
+// positions[t] * theta^(-2i/D) in double, then cos and sin to float.
+void rope(float* x, const int32_t* positions, int64_t T, int64_t H, int64_t D, double theta, bool neox,
+          int n_threads);
+
+// Copies n floats to dst as f16 (round to nearest even) or as f32.
+void store_rows(Isa isa, const float* src, int64_t n, void* dst, bool f16);
+
+struct Attention {
+  const float* q;            // [T, Hq, D]
+  const void* k;             // [n_ctx, Hkv, D], f16 bits or f32
+  const void* v;             // same
+  bool f16;
+  const int32_t* positions;  // [T], each < n_ctx: query t sees cache rows 0..positions[t]
+  int64_t T, Hq, Hkv, D;
+  float* out;                // [T, Hq * D]
+};
+
+// Causal grouped-query attention over the cache; query head h reads KV head h / (Hq / Hkv).
+void attention(Isa isa, const Attention& a, int n_threads);
+
+// out = relu(gate)^2 * up (relu2) or gate / (1 + exp(-gate)) * up (SiLU), n elements.
+void gated(Isa isa, const float* gate, const float* up, int64_t n, bool relu2, float* out, int n_threads);
+
+// logits [T, V] = x [T, D] times the [V, D] matrix w, stored as GGUF stores a tensor of `type`.
+void head_matmul(Isa isa, const float* x, int64_t T, int64_t D, const uint8_t* w, int64_t V, WeightType type,
+                 float* out, int n_threads);
+
+// out [T, D] = rows ids[t] of the [V, D] matrix w, dequantized to float.
+void embedding_rows(Isa isa, const uint8_t* w, int64_t D, WeightType type, const int32_t* ids, int64_t T,
+                    float* out);
+
+}  // namespace ops
+}  // namespace tritlm

@@ -1,0 +1,85 @@
+"""Whole-model benchmark, llama-bench's job: prompt processing (pp) and generation (tg) speed,
+with the decode roofline: bytes read per token / tg time, over the read bandwidth the same run
+measures."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+from .. import _native, kernels
+from ..models import loader
+from ..runtime import Engine
+from .kernels import read_bandwidth
+
+
+def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 3,
+        seed: int = 0) -> dict:
+    start = time.perf_counter()
+    config, tensors, _ = loader.load(path)
+    engine = Engine(config, tensors, n_ctx=max(max(prompts, default=1), n_gen + 1))
+    load_seconds = time.perf_counter() - start
+    del tensors
+    rng = np.random.default_rng(seed)
+    probe = _native.empty_streaming(1 << 30)
+    probe[:] = 1
+    rows = []
+    for n in threads:
+        engine.set_threads(n)
+        bandwidth = read_bandwidth(probe, n, kernels.default_isa(), 3)
+        for p in prompts:
+            rates = [_timed_rate(engine, rng.integers(0, config.vocab_size, p).tolist(), 1)
+                     for _ in range(repeats + 1)][1:]  # the first run warms caches and pages
+            rows.append(_row(f"pp{p}", n, rates))
+        if n_gen:
+            rates = [_timed_rate(engine, rng.integers(0, config.vocab_size, n_gen).tolist(), n_gen)
+                     for _ in range(repeats + 1)][1:]
+            row = _row(f"tg{n_gen}", n, rates)
+            row["roofline"] = engine.decode_bytes * row["tokens_per_s"] / bandwidth
+            row["read_gbps"] = bandwidth / 1e9
+            rows.append(row)
+    return {"model": str(path), "arch": config.arch, "decode_mb_per_token": engine.decode_bytes / 1e6,
+            "load_seconds": load_seconds, "peak_rss_mb": _peak_rss_mb(), "rows": rows}
+
+
+def _timed_rate(engine: Engine, tokens: list[int], steps: int) -> float:
+    """Tokens/s: the tokens in one forward (steps=1, prefill) or one at a time (decode)."""
+    seq = engine.new_sequence(n_ctx=len(tokens))
+    start = time.perf_counter()
+    if steps == 1:
+        engine.forward([(seq, tokens)])
+    else:
+        for t in tokens:
+            engine.forward([(seq, [t])])
+    return len(tokens) / (time.perf_counter() - start)
+
+
+def _row(test: str, threads: int, rates: list[float]) -> dict:
+    return {"test": test, "threads": threads, "tokens_per_s": float(np.mean(rates)),
+            "std": float(np.std(rates))}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def markdown(report: dict) -> str:
+    lines = [f"model: {report['model']} ({report['arch']}), {report['decode_mb_per_token']:.0f} MB "
+             f"read per generated token; load {report['load_seconds']:.1f} s, peak RSS "
+             f"{report['peak_rss_mb']:.0f} MB", "",
+             "| test | threads | tokens/s | roofline |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        roof = f"{r['roofline']:.0%} of {r['read_gbps']:.1f} GB/s" if "roofline" in r else ""
+        lines.append(f"| {r['test']} | {r['threads']} | {r['tokens_per_s']:.2f} ± {r['std']:.2f} | {roof} |")
+    return "\n".join(lines)
+
+
+def csv(report: dict) -> str:
+    lines = ["model,test,threads,tokens_per_s,std,roofline,load_seconds,peak_rss_mb"]
+    for r in report["rows"]:
+        lines.append(f"{report['model']},{r['test']},{r['threads']},{r['tokens_per_s']:.3f},"
+                     f"{r['std']:.3f},{r.get('roofline', '')},{report['load_seconds']:.2f},"
+                     f"{report['peak_rss_mb']:.0f}")
+    return "\n".join(lines)

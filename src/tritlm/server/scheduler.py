@@ -1,0 +1,361 @@
+"""Continuous batching: one engine thread owns the Engine and, step after step, advances every
+active request with ONE `Engine.forward` call, so the weights are streamed once per step for all
+of them. New requests join between steps; a newcomer's prompt is fed in chunks of at most
+`prefill_chunk` tokens per step, so the requests already decoding keep getting a token per step.
+
+Each generation holds a slot: one of `max_batch` preallocated sequences of `ctx_per_slot` tokens,
+reused for the next request (rewound to the longest prompt prefix it already holds). Requests wait
+in a bounded FIFO queue for a slot. Cancelling (a client left) frees the slot at the next step
+boundary; a request past its deadline ends with a timeout error.
+
+Everything a request produces reaches its `on_event` callback, called on the engine thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..generation import TextStream
+from ..sampling import Sampler, SamplingParams
+
+
+class ServerError(Exception):
+    """An error for the client: HTTP status, and OpenAI's error `type`, `param` and `code`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+@dataclass
+class Event:
+    """What a job reports: text (with the logprobs of the tokens it completes), then on its last
+    event a finish_reason (or an error); an embedding job reports its vectors."""
+
+    text: str = ""
+    logprobs: list = field(default_factory=list)  # (token, logprob, [(token, logprob), ...]) per token
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: ServerError | None = None
+    embeddings: list[np.ndarray] | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None or self.embeddings is not None
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence's work: a completion choice, or (inputs given) embeddings of token lists."""
+
+    prompt: list[int]
+    on_event: Callable[[Event], None]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 16
+    stop: list[str] | None = None
+    ignore_eos: bool = False  # for benchmarks: end-of-turn tokens don't end the text
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
+    inputs: list[list[int]] | None = None  # an embedding job: mean-pooled vector of each
+    timeout: float | None = None  # seconds from submission
+    # state, owned by the engine thread once submitted
+    cancelled: bool = False
+    finished: bool = False
+    slot: int | None = None
+    fed: int = 0  # prompt tokens in the cache
+    deadline: float = float("inf")
+
+    @property
+    def embedding(self) -> bool:
+        return self.inputs is not None
+
+
+class Metrics:
+    """Counters for /metrics; written by the engine thread, read by the server."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.requests = {"completed": 0, "cancelled": 0, "timeout": 0, "error": 0, "rejected": 0}
+        self.prompt_tokens = 0  # computed (prefilled), not counting reused prefixes
+        self.completion_tokens = 0
+        self.steps = 0
+        self.batch_size = 0  # sequences in the last step
+        self.window = deque()  # (time, tokens generated) of recent steps, for tokens/s
+
+    def step(self, batch: int, generated: int) -> None:
+        now = time.monotonic()
+        self.steps += 1
+        self.batch_size = batch
+        self.completion_tokens += generated
+        self.window.append((now, generated))
+        while self.window and now - self.window[0][0] > 10:
+            self.window.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Tokens generated in the last 10 seconds, per second."""
+        now = time.monotonic()
+        return sum(n for t, n in list(self.window) if now - t <= 10) / 10
+
+
+class _Running:
+    """The engine-thread state of a job holding a slot."""
+
+    def __init__(self, job: Job, tokenizer):
+        self.job = job
+        self.next_token: int | None = None  # sampled, not yet in the cache
+        if job.embedding:
+            self.input = 0  # the input being fed
+            self.sums: list[np.ndarray] = []  # its hidden states so far, summed per chunk
+            self.vectors: list[np.ndarray] = []
+            return
+        self.context = list(job.prompt)  # prompt + generated: the sampler's penalty window
+        self.sampler = Sampler(job.params)
+        self.stream = TextStream(tokenizer, max_tokens=job.max_tokens, stop=job.stop,
+                                 stop_ids=set() if job.ignore_eos else None)
+        self.pending_logprobs: list = []
+
+
+class Scheduler:
+    def __init__(self, engine, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
+                 ctx_per_slot: int = 2048, prefill_chunk: int = 64, timeout: float | None = 600.0):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be at least 1, max_queue at least 0")
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.ctx_per_slot, self.prefill_chunk, self.timeout = ctx_per_slot, prefill_chunk, timeout
+        self.slots = [engine.new_sequence(ctx_per_slot) for _ in range(max_batch)]
+        self.slot_tokens = [[] for _ in range(max_batch)]  # what each slot's cache holds
+        self.free = list(range(max_batch))
+        self.waiting: deque[Job] = deque()
+        self.running: dict[Job, _Running] = {}  # insertion order = admission order (FIFO)
+        self.metrics = Metrics()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tritlm-engine", daemon=True)
+
+    # ------------------------------------------------------------------ any thread
+
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (a request's choices) all together, or raise ServerError 429 if the queue
+        can't take them (400 if it never could)."""
+        with self._cond:
+            if len(jobs) > self.max_batch + self.max_queue:
+                raise ServerError(400, f"the request needs {len(jobs)} sequences; this server runs "
+                                  f"{self.max_batch} at once and queues {self.max_queue}", param="n")
+            if len(self.waiting) + len(jobs) > self.max_queue + len(self.free):
+                self.metrics.requests["rejected"] += 1
+                raise ServerError(429, "the server is busy: too many requests queued; retry later",
+                                  type="rate_limit_error", code="queue_full")
+            now = time.monotonic()
+            for job in jobs:
+                timeout = job.timeout if job.timeout is not None else self.timeout
+                job.deadline = now + timeout if timeout else float("inf")
+                self.waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """Drop jobs (the client left): a queued job leaves the queue now, a running one frees its
+        slot before the next step."""
+        with self._cond:
+            for job in jobs:
+                if job.finished or job.cancelled:
+                    continue
+                job.cancelled = True
+                if job in self.waiting:
+                    self.waiting.remove(job)
+                    job.finished = True
+                    self.metrics.requests["cancelled"] += 1
+            self._cond.notify_all()
+
+    def state(self) -> dict:
+        with self._cond:
+            return {"slots_total": self.max_batch, "slots_busy": self.max_batch - len(self.free),
+                    "queue": len(self.waiting), "running": len(self.running)}
+
+    # --------------------------------------------------------------- engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    self._fail_all()
+                    return
+                self._expire()
+                self._admit()
+                if not self.running:
+                    self.metrics.batch_size = 0
+                    wait = min((j.deadline for j in self.waiting), default=float("inf")) - time.monotonic()
+                    self._cond.wait(timeout=min(max(wait, 0.001), 1.0))
+                    continue
+                running = list(self.running.values())
+            try:
+                self._step(running)
+            except Exception as e:  # a bug must not kill the engine thread: fail this step's jobs
+                with self._cond:
+                    for r in running:
+                        self.slots[r.job.slot].truncate(0)  # the cache may be half-written
+                        self.slot_tokens[r.job.slot].clear()
+                        self._finish(r, Event(error=ServerError(500, f"internal error: {e}", "server_error")))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self.waiting if j.deadline <= now]:
+            self.waiting.remove(job)
+            job.finished = True
+            self.metrics.requests["timeout"] += 1
+            job.on_event(Event(error=ServerError(503, "timed out waiting for a free slot", "server_error",
+                                                 code="timeout")))
+        for r in list(self.running.values()):
+            if r.job.cancelled:
+                self._release(r)
+                self.metrics.requests["cancelled"] += 1
+            elif r.job.deadline <= now:
+                self.metrics.requests["timeout"] += 1
+                self._finish(r, Event(error=ServerError(504, "the request timed out", "server_error",
+                                                        code="timeout")), count=False)
+
+    def _admit(self) -> None:
+        while self.free and self.waiting:
+            job = self.waiting.popleft()
+            # the free slot that already holds the longest start of this prompt
+            slot = max(self.free, key=lambda s: _common(self.slot_tokens[s], job.prompt))
+            self.free.remove(slot)
+            keep = 0 if job.embedding else _common(self.slot_tokens[slot], job.prompt[:-1])
+            self.slots[slot].truncate(keep)
+            del self.slot_tokens[slot][keep:]
+            job.slot, job.fed = slot, keep
+            self.running[job] = _Running(job, self.tokenizer)
+
+    def _step(self, running: list[_Running]) -> None:
+        """One engine step: every decoding job gets one token, prefilling ones share a budget of
+        prompt tokens (larger when nobody is decoding, as nobody waits then)."""
+        decoding = [r for r in running if r.next_token is not None]
+        budget = self.prefill_chunk if decoding else max(self.prefill_chunk, self.engine.prefill_chunk)
+        batch, fed = [], []
+        embed = None
+        for r in running:
+            job = r.job
+            if job.embedding:
+                embed = embed or r
+            elif r.next_token is not None:
+                batch.append((self.slots[job.slot], [r.next_token]))
+                fed.append((r, [r.next_token]))
+            elif budget > 0:
+                chunk = job.prompt[job.fed : job.fed + budget]
+                budget -= len(chunk)
+                batch.append((self.slots[job.slot], chunk))
+                fed.append((r, chunk))
+        logits = self.engine.forward(batch) if batch else []
+        if embed is not None and budget > 0:
+            self._embed_step(embed, budget)
+        generated = 0  # sampling runs without the lock: the server keeps answering meanwhile
+        for (r, tokens), row in zip(fed, logits):
+            self.slot_tokens[r.job.slot].extend(tokens)
+            if r.next_token is None:
+                r.job.fed += len(tokens)
+                self.metrics.prompt_tokens += len(tokens)
+                if r.job.fed < len(r.job.prompt):
+                    continue
+            if r.job.cancelled:  # left during the step: don't sample for nobody
+                continue
+            self._sample(r, row[-1])
+            generated += 1
+        self.metrics.step(len(batch), generated)
+
+    def _sample(self, r: _Running, logits: np.ndarray) -> None:
+        job = r.job
+        token = r.sampler(logits, r.context)
+        r.context.append(token)
+        if job.logprobs is not None:
+            r.pending_logprobs.append(_logprobs(logits, token, job.logprobs))
+        text = r.stream.push(token)
+        if not r.stream.finish_reason and self.slots[job.slot].position >= self.ctx_per_slot:
+            text += r.stream.finish("length")  # the slot is full: no room for this token
+        r.next_token = token
+        event = Event(text=text, logprobs=r.pending_logprobs, completion_tokens=len(r.stream.tokens))
+        if r.stream.finish_reason:
+            event.finish_reason = r.stream.finish_reason
+            self._finish(r, event)
+        elif text:  # logprobs of tokens without text yet wait for the text they complete
+            r.pending_logprobs = []
+            job.on_event(event)
+
+    def _embed_step(self, r: _Running, budget: int) -> None:
+        """Feed the next chunk of the current input; after each input, its mean-pooled, L2-normalised
+        final hidden state."""
+        job, seq = r.job, self.slots[r.job.slot]
+        tokens = job.inputs[r.input]
+        chunk = tokens[seq.position : seq.position + budget]
+        hidden = self.engine.hidden_states(seq, chunk)
+        self.slot_tokens[job.slot].extend(chunk)
+        self.metrics.prompt_tokens += len(chunk)
+        r.sums.append(hidden.sum(axis=0, dtype=np.float64))
+        if seq.position < len(tokens):
+            return
+        mean = np.sum(r.sums, axis=0) / len(tokens)
+        r.sums, r.input = [], r.input + 1
+        r.vectors.append((mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32))
+        seq.truncate(0)
+        del self.slot_tokens[job.slot][:]
+        if r.input == len(job.inputs):
+            self._finish(r, Event(embeddings=r.vectors))
+
+    def _finish(self, r: _Running, event: Event, count: bool = True) -> None:
+        with self._cond:
+            if r.job not in self.running:
+                return
+            self._release(r)
+            if count:
+                self.metrics.requests["error" if event.error else "completed"] += 1
+        r.job.on_event(event)
+
+    def _release(self, r: _Running) -> None:
+        with self._cond:
+            r.job.finished = True
+            del self.running[r.job]
+            self.free.append(r.job.slot)
+            self._cond.notify_all()
+
+    def _fail_all(self) -> None:
+        error = ServerError(503, "the server is shutting down", "server_error")
+        for r in list(self.running.values()):
+            self._finish(r, Event(error=error))
+        while self.waiting:
+            job = self.waiting.popleft()
+            job.finished = True
+            job.on_event(Event(error=error))
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple:
+    """The chosen token's log-probability under the model (before penalties and temperature),
+    and the k most likely tokens'."""
+    x = logits.astype(np.float64)
+    lse = x.max() + np.log(np.exp(x - x.max()).sum())
+    top = np.argpartition(-x, k)[:k] if 0 < k < len(x) else np.arange(min(k, len(x)))
+    top = top[np.argsort(-x[top], kind="stable")]
+    return token, float(x[token] - lse), [(int(t), float(x[t] - lse)) for t in top]

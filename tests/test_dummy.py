@@ -1,0 +1,51 @@
+"""Random-weight models for benchmarks: they must load and run like real ones."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tritlm import LLM
+from tritlm.bench.dummy import dummy_config, write_dummy
+from tritlm.formats.gguf import GGUFFile
+from tritlm.models.config import ModelConfig
+
+TINY = ModelConfig(arch="bitnet-b1.58", vocab_size=300, hidden_size=256, intermediate_size=512,
+                   n_layers=2, n_heads=4, n_kv_heads=2, context_length=64, rope_theta=500000.0,
+                   norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("ternary_type,embedding_type", [("I2_S", "F16"), ("TQ2_0", "Q8_0"), ("TQ1_0", "Q6_K")])
+def test_dummy_model_loads_and_generates(tmp_path, ternary_type, embedding_type):
+    path = tmp_path / "dummy.gguf"
+    write_dummy(path, TINY, ternary_type=ternary_type, embedding_type=embedding_type)
+    with GGUFFile(path) as f:
+        assert f.tensors["blk.1.ffn_down.weight"].type_name == ternary_type
+        assert f.tensors["blk.1.ffn_down.weight"].shape == (256, 512)
+        assert f.tensors["token_embd.weight"].type_name == embedding_type
+        assert np.isfinite(f.tensor_array("token_embd.weight")).all()
+    llm = LLM(path, n_ctx=64)
+    assert llm.config == dataclasses.replace(TINY, norm_eps=float(np.float32(TINY.norm_eps)))  # GGUF keeps f32
+    tokens = llm.tokenize("hello")
+    assert np.isfinite(llm.logits(tokens)).all()
+    assert len(llm.create_completion(tokens, max_tokens=5, temperature=0)["choices"]) == 1
+
+
+def test_cli_writes_a_preset(tmp_path, capsys):
+    from tritlm.cli import main
+
+    path = tmp_path / "m.gguf"
+    assert main(["dummy", "-o", str(path), "--preset", "125M", "--arch", "bitnet", "--type", "TQ2_0"]) == 0
+    with GGUFFile(path) as f:
+        assert f.architecture == "bitnet"
+        assert f.metadata["bitnet.block_count"] == 11
+        assert f.tensors["blk.10.ffn_up.weight"].shape == (3072, 768)
+        assert "blk.0.attn_sub_norm.weight" in f.tensors
+
+
+def test_2b4t_preset_shape():
+    c = dummy_config("2B4T")
+    assert (c.hidden_size, c.intermediate_size, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size) == \
+        (2560, 6912, 30, 20, 5, 128256)
+    with pytest.raises(ValueError, match="unknown preset"):
+        dummy_config("1T")
