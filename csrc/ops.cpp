@@ -595,7 +595,8 @@ struct HeadArgs {
   float* out;  // [T, V]
 };
 
-constexpr int kHeadTokens = 4;   // tokens per pass: each weight load feeds up to 4 x 4 FMAs
+constexpr int kHeadTokens = 8;   // tokens per pass: each weight load feeds up to 8 x 4 FMAs (a batch of
+                                 // 8 decoding streams reads the head once)
 constexpr int64_t kGroup = 64;   // rows kept in L2 while every token passes over them
 
 // out[t0 .. t0+NT) x [r0, r0+NR): NR rows (at `rows`, row_bytes apart) against NT tokens,
@@ -637,7 +638,11 @@ void head_block_tokens(int nt, const HeadArgs& h, const uint8_t* rows, int64_t r
     case 1: return head_block<V, Row, NR, 1>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
     case 2: return head_block<V, Row, NR, 2>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
     case 3: return head_block<V, Row, NR, 3>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    default: return head_block<V, Row, NR, 4>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 4: return head_block<V, Row, NR, 4>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 5: return head_block<V, Row, NR, 5>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 6: return head_block<V, Row, NR, 6>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 7: return head_block<V, Row, NR, 7>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    default: return head_block<V, Row, NR, 8>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
   }
 }
 
