@@ -16,7 +16,8 @@ from tritlm.cli import main  # noqa: E402
 from tritlm.models import reference  # noqa: E402
 from tritlm.quant import arithmetic  # noqa: E402
 from tritlm.tokenizer import Tokenizer  # noqa: E402
-from tritlm.train import BitLinear, BitNetModel, ModelArgs, TrainOptions, load_checkpoint, perplexity, train  # noqa: E402
+from tritlm.train import (BitLinear, BitNetModel, ModelArgs, TrainOptions, load_checkpoint,  # noqa: E402
+                          perplexity, train)
 from tritlm.train.export import engine_tensors, model_config  # noqa: E402
 from tritlm.train.quant import quantize_activations, ternarize  # noqa: E402
 
@@ -42,6 +43,16 @@ def run(tmp_path_factory):
                  "--eval-interval", "20", "--eval-fraction", "0.1", *TINY]) == 0
     model, options = load_checkpoint(out / "checkpoint.pt")
     return out, model, options
+
+
+def assert_same_logits(actual, expected):
+    """Float pipelines (PyTorch, NumPy, the engine, transformers) differ in the last bits of norms
+    and attention; where an activation lies that close to an int8 rounding boundary the two round
+    differently and later logits move by ~1e-4 of their range (docs/ENGINE.md). So: everything
+    within 2e-3 of the range, and most within 1e-5."""
+    diff = np.abs(np.asarray(actual) - expected) / np.abs(expected).max()
+    assert diff.max() < 2e-3
+    assert np.mean(diff < 1e-5) > 0.9
 
 
 def test_bitlinear_forward_is_the_engine_arithmetic():
@@ -101,7 +112,7 @@ def test_model_matches_numpy_reference(run):
     with torch.no_grad():
         logits = model(torch.tensor([tokens]))[0].numpy()
     expected = reference.forward(model_config(model), engine_tensors(model), np.array(tokens))
-    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert_same_logits(logits, expected)
 
 
 def test_exports_load_in_tritlm_and_transformers(run):
@@ -109,19 +120,20 @@ def test_exports_load_in_tritlm_and_transformers(run):
 
     out, model, _ = run
     text = (out / "heldout.txt").read_text()[:400]
-    gguf, hf = LLM(out / "model.gguf", n_threads=1, kv_type="f32"), LLM(out / "hf", n_threads=1, kv_type="f32")
+    gguf = LLM(out / "model.gguf", n_threads=1, kv_type="f32")
+    hf = LLM(out / "hf", n_threads=1, kv_type="f32")
     tokens = gguf.tokenize(text)[:64]
-    assert tokens == hf.tokenize(text)[:64] == Tokenizer.from_hf(out / "tokenizer").encode(text, special=False)[:64]
+    assert tokens == hf.tokenize(text)[:64]
+    assert tokens == Tokenizer.from_hf(out / "tokenizer").encode(text, special=False)[:64]
     with torch.no_grad():
         expected = model(torch.tensor([tokens]))[0].numpy()
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(gguf.logits(tokens), expected, rtol=0, atol=1e-4 * scale)
-    np.testing.assert_allclose(hf.logits(tokens), expected, rtol=0, atol=1e-4 * scale)
+    assert_same_logits(gguf.logits(tokens), expected)
+    np.testing.assert_array_equal(hf.logits(tokens), gguf.logits(tokens))  # the same numbers, stored twice
     oracle = BitNetForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     torch.nn.Module.float(oracle).eval()  # the embedding is stored as float16
     with torch.no_grad():
         theirs = oracle(torch.tensor([tokens])).logits[0].numpy()
-    np.testing.assert_allclose(theirs, expected, rtol=0, atol=1e-4 * scale)
+    assert_same_logits(theirs, expected)
     assert len(gguf.generate("def ", max_tokens=8, temperature=0)) > 0
 
 

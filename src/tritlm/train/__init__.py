@@ -5,7 +5,7 @@ GGUF and Hugging Face files compute what the checkpoint computed.
 """
 
 try:
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (fail here, with the way to install it)
 except ImportError as e:  # pragma: no cover
     raise ImportError("tritlm.train needs PyTorch: pip install 'tritlm[train]'") from e
 

@@ -3,7 +3,6 @@ windows, same scoring), so the two can be compared number for number."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..api import perplexity_stats, perplexity_windows, window_nll
