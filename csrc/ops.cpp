@@ -522,18 +522,26 @@ template <class V> void attention_items(const AttentionArgs& args, int64_t begin
 
 // ------------------------------------------------------------------ LM head and embedding rows
 
-// A row's 16 elements starting at column k (k a multiple of 16) as floats, and one element.
+// Each row type decodes one block of a row (kBlock elements, a multiple of 16) into 16-float
+// chunks; the quantized ones decode a block's codes and scales once, then every chunk of it is
+// one int8 load, convert and multiply. `at` is one element, for a float row's tail.
 struct RowF32 {
-  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
-    return V::load(reinterpret_cast<const float*>(row) + k);
-  }
+  static constexpr int64_t kBlock = 16, kBytes = 64;
+  struct Block {
+    const float* p;
+    void decode(const uint8_t* b) { p = reinterpret_cast<const float*>(b); }
+    template <class V> Vec<V> chunk(int) const { return V::load(p); }
+  };
   static float at(const uint8_t* row, int64_t k) { float f; std::memcpy(&f, row + 4 * k, 4); return f; }
 };
 
 struct RowF16 {
-  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
-    return V::load_f16(reinterpret_cast<const uint16_t*>(row) + k);
-  }
+  static constexpr int64_t kBlock = 16, kBytes = 32;
+  struct Block {
+    const uint16_t* p;
+    void decode(const uint8_t* b) { p = reinterpret_cast<const uint16_t*>(b); }
+    template <class V> Vec<V> chunk(int) const { return V::load_f16(p); }
+  };
   static float at(const uint8_t* row, int64_t k) {
     uint16_t h;
     std::memcpy(&h, row + 2 * k, 2);
@@ -543,14 +551,16 @@ struct RowF16 {
 
 // Q8_0: blocks of 32, 34 bytes: f16 d, then 32 int8 q; value = q * d.
 struct RowQ8_0 {
-  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
-    const uint8_t* b = row + k / 32 * 34;
-    return V::mul(V::load_i8(reinterpret_cast<const int8_t*>(b + 2 + k % 32)), V::set1(RowF16::at(b, 0)));
-  }
-  static float at(const uint8_t* row, int64_t k) {
-    const uint8_t* b = row + k / 32 * 34;
-    return float(int8_t(b[2 + k % 32])) * RowF16::at(b, 0);
-  }
+  static constexpr int64_t kBlock = 32, kBytes = 34;
+  struct Block {
+    const int8_t* q;
+    float d;
+    void decode(const uint8_t* b) {
+      d = RowF16::at(b, 0);
+      q = reinterpret_cast<const int8_t*>(b + 2);
+    }
+    template <class V> Vec<V> chunk(int c) const { return V::mul(V::load_i8(q + 16 * c), V::set1(d)); }
+  };
 };
 
 // Q6_K: blocks of 256, 210 bytes: ql[128], qh[64], int8 scales[16], f16 d. In half h (128
@@ -558,32 +568,37 @@ struct RowQ8_0 {
 // else 4-7) and its high 2 bits from qh[32h + r % 32] at bit 2 (r / 32); value =
 // (d * scales[e / 16]) * (q - 32), the product order of gguf.quants.
 struct RowQ6_K {
-  static void codes(const uint8_t* b, int64_t e, int n, int8_t* q) {
-    const int64_t h = e / 128, r = e % 128;
-    const uint8_t* ql = b + 64 * h + r % 64;
-    const uint8_t* qh = b + 128 + 32 * h + r % 32;
-    const int lo_shift = int(r / 64 * 4), hi_shift = int(r / 32 * 2);
-    for (int i = 0; i < n; ++i) q[i] = int8_t(((ql[i] >> lo_shift & 15) | (qh[i] >> hi_shift & 3) << 4) - 32);
-  }
-  static float scale(const uint8_t* b, int64_t e) { return RowF16::at(b + 208, 0) * float(int8_t(b[192 + e / 16])); }
-  template <class V> static Vec<V> load(const uint8_t* row, int64_t k) {
-    const uint8_t* b = row + k / 256 * 210;
-    int8_t q[16];
-    codes(b, k % 256, 16, q);  // 16 elements share one scale
-    return V::mul(V::set1(scale(b, k % 256)), V::load_i8(q));
-  }
-  static float at(const uint8_t* row, int64_t k) {
-    const uint8_t* b = row + k / 256 * 210;
-    int8_t q;
-    codes(b, k % 256, 1, &q);
-    return scale(b, k % 256) * float(q);
-  }
+  static constexpr int64_t kBlock = 256, kBytes = 210;
+  struct Block {
+    int8_t q[256];
+    float scale[16];
+    void decode(const uint8_t* b) {
+      using u8x32 = uint8_t __attribute__((vector_size(32)));  // one ymm (two halves of one on NEON)
+      const auto at = [&](int offset) { u8x32 v; std::memcpy(&v, b + offset, 32); return v; };
+      const auto put = [&](int offset, u8x32 v) { std::memcpy(q + offset, &v, 32); };
+      for (int h = 0; h < 2; ++h) {
+        const u8x32 lo0 = at(64 * h), lo1 = at(64 * h + 32), hi = at(128 + 32 * h);
+        put(128 * h, ((lo0 & 15) | (hi & 3) << 4) - 32);
+        put(128 * h + 32, ((lo1 & 15) | (hi >> 2 & 3) << 4) - 32);
+        put(128 * h + 64, ((lo0 >> 4) | (hi >> 4 & 3) << 4) - 32);
+        put(128 * h + 96, ((lo1 >> 4) | (hi >> 6) << 4) - 32);
+      }
+      const float d = RowF16::at(b + 208, 0);
+      for (int j = 0; j < 16; ++j) scale[j] = d * float(int8_t(b[192 + j]));
+    }
+    template <class V> Vec<V> chunk(int c) const { return V::mul(V::set1(scale[c]), V::load_i8(q + 16 * c)); }
+  };
 };
 
 template <class V, class Row> void dequantize_row(const uint8_t* row, int64_t D, float* out) {
-  int64_t k = 0;
-  for (; k + 16 <= D; k += 16) V::store(out + k, Row::template load<V>(row, k));
-  for (; k < D; ++k) out[k] = Row::at(row, k);
+  typename Row::Block blk;
+  int64_t b = 0;
+  for (; (b + 1) * Row::kBlock <= D; ++b) {
+    blk.decode(row + b * Row::kBytes);
+    for (int c = 0; c < Row::kBlock / 16; ++c) V::store(out + b * Row::kBlock + 16 * c, blk.template chunk<V>(c));
+  }
+  if constexpr (Row::kBlock == 16)  // float rows only: quantized D is a multiple of the block
+    for (int64_t k = b * 16; k < D; ++k) out[k] = Row::at(row, k);
 }
 
 struct HeadArgs {
@@ -606,27 +621,34 @@ template <class V, class Row, int NR, int NT>
 void head_block(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
                 const uint8_t* ahead, int64_t ahead_bytes) {
   using R = Vec<V>;
-  const int64_t D = h.D, steps = D / 16;
+  constexpr int kChunks = int(Row::kBlock / 16);
+  const int64_t D = h.D, blocks = D / Row::kBlock, steps = blocks * kChunks;
   const int64_t ahead_step = ahead && steps ? ((ahead_bytes + steps - 1) / steps + 63) & ~int64_t(63) : 0;
   const float* x = h.x + t0 * D;
   R acc[NT][NR];
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < NR; ++r) acc[t][r] = V::zero();
-  for (int64_t s = 0; s < steps; ++s) {
-    if (ahead)
-      for (int64_t o = s * ahead_step; o < std::min((s + 1) * ahead_step, ahead_bytes); o += 64)
-        __builtin_prefetch(ahead + o, 0, 1);
-    R w[NR];
-    for (int r = 0; r < NR; ++r) w[r] = Row::template load<V>(rows + r * row_bytes, 16 * s);
-    for (int t = 0; t < NT; ++t) {
-      const R xv = V::load(x + t * D + 16 * s);
-      for (int r = 0; r < NR; ++r) acc[t][r] = V::fma(w[r], xv, acc[t][r]);
+  for (int64_t b = 0; b < blocks; ++b) {
+    typename Row::Block blk[NR];
+    for (int r = 0; r < NR; ++r) blk[r].decode(rows + r * row_bytes + b * Row::kBytes);
+    for (int c = 0; c < kChunks; ++c) {
+      const int64_t s = b * kChunks + c;
+      if (ahead)
+        for (int64_t o = s * ahead_step; o < std::min((s + 1) * ahead_step, ahead_bytes); o += 64)
+          __builtin_prefetch(ahead + o, 0, 1);
+      R w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = blk[r].template chunk<V>(c);
+      for (int t = 0; t < NT; ++t) {
+        const R xv = V::load(x + t * D + 16 * s);
+        for (int r = 0; r < NR; ++r) acc[t][r] = V::fma(w[r], xv, acc[t][r]);
+      }
     }
   }
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < NR; ++r) {
       float sum = V::sum(acc[t][r]);
-      for (int64_t k = 16 * steps; k < D; ++k) sum += Row::at(rows + r * row_bytes, k) * x[t * D + k];
+      if constexpr (Row::kBlock == 16)
+        for (int64_t k = 16 * steps; k < D; ++k) sum += Row::at(rows + r * row_bytes, k) * x[t * D + k];
       h.out[(t0 + t) * h.vocab + r0 + r] = sum;
     }
 }
