@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -25,7 +26,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #define TRITLM_X86 1
 #include <immintrin.h>
-#define TRITLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define TRITLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define TRITLM_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
@@ -105,6 +106,21 @@ struct Portable {
     return map([&](int i) { return half_to_float(h[i]); });
   }
   static R load_i8(const int8_t* p) { return map([&](int i) { return float(p[i]); }); }
+  // 32 int8 as int16, and lane i = x[2i] q[2i] + x[2i+1] q[2i+1] of 32 int16 x: exact (< 2^24)
+  struct W { int16_t v[32]; };
+  static W widen_i8(const int8_t* q) { W w; for (int i = 0; i < 32; ++i) w.v[i] = q[i]; return w; }
+  static R dot_pairs(const int16_t* x, const W& q) {
+    return map([&](int i) { return float(int32_t(x[2 * i]) * q.v[2 * i] + int32_t(x[2 * i + 1]) * q.v[2 * i + 1]); });
+  }
+  // Lane i = sum over j < 4 of u[4i+j] (256 xh[4i+j] + xl[4i+j]), u < 64: exact (< 2^24)
+  static R dot_split(const uint8_t* u, const int8_t* xh, const uint8_t* xl) {
+    return map([&](int i) {
+      int32_t a = 0;
+      for (int j = 4 * i; j < 4 * i + 4; ++j) a += int32_t(u[j]) * (256 * xh[j] + xl[j]);
+      return float(a);
+    });
+  }
+  static R spread4(const float* s) { return map([&](int i) { return s[i / 4]; }); }  // lane i = s[i / 4]
   static void store(float* p, R a) { std::memcpy(p, a.v, sizeof a.v); }
   static void store_f16(uint16_t* p, R a) { for (int i = 0; i < 16; ++i) p[i] = float_to_half(a.v[i]); }
   static R add(R a, R b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
@@ -164,6 +180,22 @@ struct Avx512 {
   TRITLM_AVX512 static R load_i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  using W = __m512i;
+  TRITLM_AVX512 static W widen_i8(const int8_t* q) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  }
+  TRITLM_AVX512 static R dot_pairs(const int16_t* x, W q) {
+    return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_loadu_si512(x), q));
+  }
+  TRITLM_AVX512 static R dot_split(const uint8_t* u, const int8_t* xh, const uint8_t* xl) {
+    const __m512i codes = _mm512_loadu_si512(u);
+    const __m512i high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xh));
+    return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_slli_epi32(high, 8), _mm512_loadu_si512(xl), codes));
+  }
+  TRITLM_AVX512 static R spread4(const float* s) {
+    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+  }
   TRITLM_AVX512 static void store(float* p, R a) { _mm512_storeu_ps(p, a); }
   TRITLM_AVX512 static void store_f16(uint16_t* p, R a) {
     const __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -209,6 +241,31 @@ struct Avx2 {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+  }
+  struct W { __m256i lo, hi; };
+  TRITLM_AVX2 static W widen_i8(const int8_t* q) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    return {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(b)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1))};
+  }
+  TRITLM_AVX2 static R dot_pairs(const int16_t* x, const W& q) {
+    const __m256i* v = reinterpret_cast<const __m256i*>(x);
+    return {_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_loadu_si256(v), q.lo)),
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_loadu_si256(v + 1), q.hi))};
+  }
+  TRITLM_AVX2 static __m256 dot_split8(const uint8_t* u, const int8_t* xh, const uint8_t* xl) {
+    // maddubs cannot saturate here: pairs of 63 * 128 and of 255 * 63 stay below 2^15
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)), one = _mm256_set1_epi16(1);
+    const __m256i high = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh))), one);
+    const __m256i low = _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl)), codes), one);
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(high, 8), low));
+  }
+  TRITLM_AVX2 static R dot_split(const uint8_t* u, const int8_t* xh, const uint8_t* xl) {
+    return {dot_split8(u, xh, xl), dot_split8(u + 32, xh + 32, xl + 32)};
+  }
+  TRITLM_AVX2 static R spread4(const float* s) {
+    return {_mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0])), _mm256_set_m128(_mm_set1_ps(s[3]), _mm_set1_ps(s[2]))};
   }
   TRITLM_AVX2 static void store(float* p, R a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
   TRITLM_AVX2 static void store_f16(uint16_t* p, R a) {
@@ -523,13 +580,14 @@ template <class V> void attention_items(const AttentionArgs& args, int64_t begin
 // ------------------------------------------------------------------ LM head and embedding rows
 
 // Each row type decodes one block of a row (kBlock elements, a multiple of 16) into 16-float
-// chunks; the quantized ones decode a block's codes and scales once, then every chunk of it is
-// one int8 load, convert and multiply. `at` is one element, for a float row's tail.
+// chunks (`chunk`), and `at` is one element, for a float row's tail. The quantized types also
+// give the block's int8 codes and, for each 32 of them, the scale of each lane of `dot_pairs`:
+// the LM head multiplies them with int16 activations (head_block_int).
 struct RowF32 {
   static constexpr int64_t kBlock = 16, kBytes = 64;
   struct Block {
     const float* p;
-    void decode(const uint8_t* b) { p = reinterpret_cast<const float*>(b); }
+    template <class V> void decode(const uint8_t* b) { p = reinterpret_cast<const float*>(b); }
     template <class V> Vec<V> chunk(int) const { return V::load(p); }
   };
   static float at(const uint8_t* row, int64_t k) { float f; std::memcpy(&f, row + 4 * k, 4); return f; }
@@ -539,7 +597,7 @@ struct RowF16 {
   static constexpr int64_t kBlock = 16, kBytes = 32;
   struct Block {
     const uint16_t* p;
-    void decode(const uint8_t* b) { p = reinterpret_cast<const uint16_t*>(b); }
+    template <class V> void decode(const uint8_t* b) { p = reinterpret_cast<const uint16_t*>(b); }
     template <class V> Vec<V> chunk(int) const { return V::load_f16(p); }
   };
   static float at(const uint8_t* row, int64_t k) {
@@ -555,11 +613,12 @@ struct RowQ8_0 {
   struct Block {
     const int8_t* q;
     float d;
-    void decode(const uint8_t* b) {
+    template <class V> void decode(const uint8_t* b) {
       d = RowF16::at(b, 0);
       q = reinterpret_cast<const int8_t*>(b + 2);
     }
     template <class V> Vec<V> chunk(int c) const { return V::mul(V::load_i8(q + 16 * c), V::set1(d)); }
+    const int8_t* codes() const { return q; }
   };
 };
 
@@ -570,23 +629,32 @@ struct RowQ8_0 {
 struct RowQ6_K {
   static constexpr int64_t kBlock = 256, kBytes = 210;
   struct Block {
-    int8_t q[256];
+    uint8_t u[256];  // q, unsigned: the head subtracts 32 once per 16 elements (HeadArgs::xsum)
     float scale[16];
-    void decode(const uint8_t* b) {
-      using u8x32 = uint8_t __attribute__((vector_size(32)));  // one ymm (two halves of one on NEON)
-      const auto at = [&](int offset) { u8x32 v; std::memcpy(&v, b + offset, 32); return v; };
-      const auto put = [&](int offset, u8x32 v) { std::memcpy(q + offset, &v, 32); };
+    template <class V> void decode(const uint8_t* b) {
+      // 64 codes per vector, in 16-bit lanes (x86 has no byte shifts), masking off what crosses
+      // from the neighbouring byte; qh's 32 bytes feed both halves, shifted by different amounts.
+      using u16x32 = uint16_t __attribute__((vector_size(64)));
+      using u16x16 = uint16_t __attribute__((vector_size(32)));
+      const u16x32 first = {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2};
+      const u16x32 second = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2};
       for (int h = 0; h < 2; ++h) {
-        const u8x32 lo0 = at(64 * h), lo1 = at(64 * h + 32), hi = at(128 + 32 * h);
-        put(128 * h, ((lo0 & 15) | (hi & 3) << 4) - 32);
-        put(128 * h + 32, ((lo1 & 15) | (hi >> 2 & 3) << 4) - 32);
-        put(128 * h + 64, ((lo0 >> 4) | (hi >> 4 & 3) << 4) - 32);
-        put(128 * h + 96, ((lo1 >> 4) | (hi >> 6) << 4) - 32);
+        u16x32 lo, out;
+        u16x16 qh;
+        std::memcpy(&lo, b + 64 * h, 64);
+        std::memcpy(&qh, b + 128 + 32 * h, 32);
+        const u16x32 hi = __builtin_shufflevector(qh, qh, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1,
+                                                  2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        out = (lo & 0x0f0f) | (hi << first & 0x3030);
+        std::memcpy(u + 128 * h, &out, 64);
+        out = (lo >> 4 & 0x0f0f) | (hi >> second & 0x3030);
+        std::memcpy(u + 128 * h + 64, &out, 64);
       }
-      const float d = RowF16::at(b + 208, 0);
-      for (int j = 0; j < 16; ++j) scale[j] = d * float(int8_t(b[192 + j]));
+      V::store(scale, V::mul(V::set1(RowF16::at(b + 208, 0)), V::load_i8(reinterpret_cast<const int8_t*>(b + 192))));
     }
-    template <class V> Vec<V> chunk(int c) const { return V::mul(V::set1(scale[c]), V::load_i8(q + 16 * c)); }
+    template <class V> Vec<V> chunk(int c) const {
+      return V::mul(V::set1(scale[c]), V::sub(V::load_i8(reinterpret_cast<const int8_t*>(u + 16 * c)), V::set1(32.0f)));
+    }
   };
 };
 
@@ -594,7 +662,7 @@ template <class V, class Row> void dequantize_row(const uint8_t* row, int64_t D,
   typename Row::Block blk;
   int64_t b = 0;
   for (; (b + 1) * Row::kBlock <= D; ++b) {
-    blk.decode(row + b * Row::kBytes);
+    blk.template decode<V>(row + b * Row::kBytes);
     for (int c = 0; c < Row::kBlock / 16; ++c) V::store(out + b * Row::kBlock + 16 * c, blk.template chunk<V>(c));
   }
   if constexpr (Row::kBlock == 16)  // float rows only: quantized D is a multiple of the block
@@ -603,6 +671,13 @@ template <class V, class Row> void dequantize_row(const uint8_t* row, int64_t D,
 
 struct HeadArgs {
   const float* x;  // [T, D]
+  // For the quantized types, x[t] = dx[t] * xq[t] (quantize_int16); Q6_K takes xq as
+  // 256 xh + xl and needs -32 * the sum of each 16 of xq (xsum).
+  const int16_t* xq;  // [T, D]
+  const int8_t* xh;   // [T, D]
+  const uint8_t* xl;  // [T, D]
+  const float* xsum;  // [T, D / 16]
+  const float* dx;    // [T]
   int64_t T, D;
   const uint8_t* w;  // [vocab] rows of row_bytes
   int64_t vocab, row_bytes;
@@ -630,7 +705,7 @@ void head_block(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64
     for (int r = 0; r < NR; ++r) acc[t][r] = V::zero();
   for (int64_t b = 0; b < blocks; ++b) {
     typename Row::Block blk[NR];
-    for (int r = 0; r < NR; ++r) blk[r].decode(rows + r * row_bytes + b * Row::kBytes);
+    for (int r = 0; r < NR; ++r) blk[r].template decode<V>(rows + r * row_bytes + b * Row::kBytes);
     for (int c = 0; c < kChunks; ++c) {
       const int64_t s = b * kChunks + c;
       if (ahead)
@@ -653,9 +728,69 @@ void head_block(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64
     }
 }
 
+// The same for Q8_0 / Q6_K rows, from int16 activations, in exact integer dot products of 32 /
+// 64 elements, converted and scaled once: a float product per element would need twice the
+// instructions, more than the row's bytes take to arrive. Q8_0: per 32 elements the codes are
+// widened once for every token, then one pairwise int16 product each. Q6_K: per 64 elements two
+// VNNI byte products, of the 6-bit codes with x's high and low bytes.
+template <class V, class Row, int NR, int NT>
+void head_block_int(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
+                    const uint8_t* ahead, int64_t ahead_bytes) {
+  using R = Vec<V>;
+  constexpr bool kQ6 = std::is_same_v<Row, RowQ6_K>;
+  constexpr int kStep = kQ6 ? 64 : 32, kChunks = int(Row::kBlock / kStep);
+  const int64_t D = h.D, blocks = D / Row::kBlock, steps = blocks * kChunks;
+  const int64_t ahead_step = ahead && steps ? ((ahead_bytes + steps - 1) / steps + 63) & ~int64_t(63) : 0;
+  R acc[NT][NR];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < NR; ++r) acc[t][r] = V::zero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    typename Row::Block blk[NR];
+    for (int r = 0; r < NR; ++r) blk[r].template decode<V>(rows + r * row_bytes + b * Row::kBytes);
+    for (int c = 0; c < kChunks; ++c) {
+      const int64_t s = b * kChunks + c, k = s * kStep;
+      if (ahead)
+        for (int64_t o = s * ahead_step; o < std::min((s + 1) * ahead_step, ahead_bytes); o += 64)
+          __builtin_prefetch(ahead + o, 0, 1);
+      for (int r = 0; r < NR; ++r) {
+        if constexpr (kQ6) {
+          const R scale = V::spread4(blk[r].scale + 4 * c);
+          for (int t = 0; t < NT; ++t) {
+            const int64_t o = (t0 + t) * D + k;
+            acc[t][r] = V::fma(scale, V::dot_split(blk[r].u + kStep * c, h.xh + o, h.xl + o), acc[t][r]);
+          }
+        } else {
+          const typename V::W q = V::widen_i8(blk[r].codes() + kStep * c);
+          const R scale = V::set1(blk[r].d);
+          for (int t = 0; t < NT; ++t) acc[t][r] = V::fma(scale, V::dot_pairs(h.xq + (t0 + t) * D + k, q), acc[t][r]);
+        }
+      }
+    }
+    if constexpr (kQ6)  // the codes' offset: -32 * scale * (sum of x) for each 16 elements
+      for (int r = 0; r < NR; ++r) {
+        const R scale = V::load(blk[r].scale);
+        for (int t = 0; t < NT; ++t) acc[t][r] = V::fma(scale, V::load(h.xsum + ((t0 + t) * D + b * 256) / 16), acc[t][r]);
+      }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < NR; ++r) h.out[(t0 + t) * h.vocab + r0 + r] = V::sum(acc[t][r]) * h.dx[t0 + t];
+}
+
 template <class V, class Row, int NR>
 void head_block_tokens(int nt, const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
                        const uint8_t* ahead, int64_t ahead_bytes) {
+  if constexpr (Row::kBlock > 16) {  // quantized
+    switch (nt) {
+      case 1: return head_block_int<V, Row, NR, 1>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+      case 2: return head_block_int<V, Row, NR, 2>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+      case 3: return head_block_int<V, Row, NR, 3>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+      case 4: return head_block_int<V, Row, NR, 4>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+      case 5: return head_block_int<V, Row, NR, 5>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+      case 6: return head_block_int<V, Row, NR, 6>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+      case 7: return head_block_int<V, Row, NR, 7>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+      default: return head_block_int<V, Row, NR, 8>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    }
+  }
   switch (nt) {
     case 1: return head_block<V, Row, NR, 1>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
     case 2: return head_block<V, Row, NR, 2>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
@@ -691,29 +826,13 @@ void head_slice(const HeadArgs& h, const uint8_t* w, int64_t row_bytes, int64_t 
   }
 }
 
-// Many tokens over a quantized matrix: dequantize each group of rows once, then run the f32 path.
-template <class V, class Row> void head_slice_dequantized(const HeadArgs& h, int64_t begin, int64_t end) {
-  thread_local std::vector<float> rows;
-  rows.resize(size_t(kGroup * h.D));
-  for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
-    const int64_t g1 = std::min(end, g0 + kGroup);
-    for (int64_t r = g0; r < g1; ++r) dequantize_row<V, Row>(h.w + r * h.row_bytes, h.D, rows.data() + (r - g0) * h.D);
-    head_slice<V, RowF32>(h, reinterpret_cast<const uint8_t*>(rows.data()), 4 * h.D, g0, g1);
-  }
-}
-
 template <class V> void head_rows(const HeadArgs& h, int64_t begin, int64_t end) {
   const uint8_t* w = h.w + begin * h.row_bytes;
-  const bool many = h.T > kHeadTokens;
   switch (h.type) {
     case WeightType::F32: return head_slice<V, RowF32>(h, w, h.row_bytes, begin, end);
     case WeightType::F16: return head_slice<V, RowF16>(h, w, h.row_bytes, begin, end);
-    case WeightType::Q8_0:
-      return many ? head_slice_dequantized<V, RowQ8_0>(h, begin, end)
-                  : head_slice<V, RowQ8_0>(h, w, h.row_bytes, begin, end);
-    case WeightType::Q6_K:
-      return many ? head_slice_dequantized<V, RowQ6_K>(h, begin, end)
-                  : head_slice<V, RowQ6_K>(h, w, h.row_bytes, begin, end);
+    case WeightType::Q8_0: return head_slice<V, RowQ8_0>(h, w, h.row_bytes, begin, end);
+    case WeightType::Q6_K: return head_slice<V, RowQ6_K>(h, w, h.row_bytes, begin, end);
   }
 }
 
@@ -920,9 +1039,37 @@ void gated(Isa isa, const float* gate, const float* up, int64_t n, bool relu2, f
                [&](int64_t b, int64_t e) { ops.gated(a, b * kUnit, std::min(e * kUnit, n)); });
 }
 
+float quantize_int16(const float* x, int64_t n, int16_t* q) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(x[i]));
+  const float inv = m > 0.0f ? 32767.0f / m : 0.0f;
+  for (int64_t i = 0; i < n; ++i) q[i] = int16_t(std::clamp(std::nearbyint(x[i] * inv), -32767.0f, 32767.0f));
+  return m / 32767.0f;
+}
+
 void head_matmul(Isa isa, const float* x, int64_t T, int64_t D, const uint8_t* w, int64_t V, WeightType type,
                  float* out, int n_threads) {
-  const HeadArgs h{x, T, D, w, V, D / block_elements(type) * block_bytes(type), type, out};
+  std::vector<int16_t> xq;
+  std::vector<int8_t> xh;
+  std::vector<uint8_t> xl;
+  std::vector<float> dx, xsum;
+  if (block_elements(type) > 1) {
+    xq.resize(size_t(T * D));
+    dx.resize(size_t(T));
+    for (int64_t t = 0; t < T; ++t) dx[size_t(t)] = quantize_int16(x + t * D, D, xq.data() + t * D);
+  }
+  if (type == WeightType::Q6_K) {
+    xh.resize(xq.size());
+    xl.resize(xq.size());
+    xsum.assign(xq.size() / 16, 0.0f);
+    for (size_t i = 0; i < xq.size(); ++i) {
+      xh[i] = int8_t(xq[i] >> 8);  // arithmetic shift: xq = 256 xh + xl, xl in [0, 256)
+      xl[i] = uint8_t(xq[i] & 255);
+      xsum[i / 16] -= 32.0f * float(xq[i]);  // exact: |sum| < 2^24
+    }
+  }
+  const HeadArgs h{x, xq.data(), xh.data(), xl.data(), xsum.data(), dx.data(), T, D, w, V,
+                   D / block_elements(type) * block_bytes(type), type, out};
   const OpTable& ops = ops_for(isa);
   constexpr int64_t kUnit = 16;  // rows per unit of work: slices hold whole 4-row blocks
   parallel_for(threads_for(T * V * D, 1 << 18, n_threads), (V + kUnit - 1) / kUnit,

@@ -52,7 +52,13 @@ void attention(Isa isa, const Attention& a, int n_threads);
 // out = relu(gate)^2 * up (relu2) or gate / (1 + exp(-gate)) * up (SiLU), n elements.
 void gated(Isa isa, const float* gate, const float* up, int64_t n, bool relu2, float* out, int n_threads);
 
+// q = x / dx rounded to nearest (even), dx = max |x| / 32767 (0 for x = 0), returned: the
+// activations of a quantized LM head.
+float quantize_int16(const float* x, int64_t n, int16_t* q);
+
 // logits [T, V] = x [T, D] times the [V, D] matrix w, stored as GGUF stores a tensor of `type`.
+// F32 / F16: in float. Q8_0 / Q6_K: dx[t] * sum over 32-element chunks of (the chunk's scales)
+// times (int16 x of quantize_int16) . (int8 codes), each pair of products summed exactly.
 void head_matmul(Isa isa, const float* x, int64_t T, int64_t D, const uint8_t* w, int64_t V, WeightType type,
                  float* out, int n_threads);
 

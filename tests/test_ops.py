@@ -282,7 +282,20 @@ def make_weight(rng, type, vocab, d):
     return data.reshape(-1), quants.dequantize(data, qtype).astype(np.float32)
 
 
-def check_logits(out, x, w):
+def quantize_int16(x):
+    """The quantized head's activations (ops.h quantize_int16): per token, x = dx * q with q the
+    int16 nearest x / dx and dx = max |x| / 32767, in float32 as the kernel computes them."""
+    m = np.abs(x).max(axis=-1, keepdims=True)
+    inv = np.where(m > 0, np.float32(32767) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    return np.clip(np.rint(x * inv), -32767, 32767), m / np.float32(32767)
+
+
+def check_logits(out, x, w, type="F32"):
+    """Within float rounding of the exact product, of x as the kernel sees it: float, or for
+    the quantized types its int16 quantization."""
+    if BLOCK[type] > 1:
+        q, dx = quantize_int16(x)
+        x = q * dx.astype(np.float64)
     expected = x.astype(np.float64) @ w.T.astype(np.float64)
     bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)) + 1e-30
     assert out.shape == expected.shape and out.dtype == np.float32
@@ -298,7 +311,7 @@ def test_head_matmul_matches_dequantized_product(isa, type, tokens, vocab, block
     d = blocks * max(BLOCK[type], 64) + (tail if BLOCK[type] == 1 else 0)  # F32/F16: any length
     data, w = make_weight(rng, type, vocab, d)
     x = normal(rng, tokens, d)
-    check_logits(ops.head_matmul(x, data, vocab, type, isa=isa, n_threads=2), x, w)
+    check_logits(ops.head_matmul(x, data, vocab, type, isa=isa, n_threads=2), x, w, type)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -309,7 +322,7 @@ def test_head_matmul_model_shape_and_thread_counts(isa, type, rng):
     for tokens in (1, 6):
         x = normal(rng, tokens, d)
         one = ops.head_matmul(x, data, vocab, type, isa=isa, n_threads=1)
-        check_logits(one, x, w)
+        check_logits(one, x, w, type)
         for n in (2, 3, 64):  # each row is one thread's: the split changes nothing
             np.testing.assert_array_equal(ops.head_matmul(x, data, vocab, type, isa=isa, n_threads=n), one)
 
