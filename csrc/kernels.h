@@ -91,7 +91,7 @@ static inline void gemm_blocks(const Gemm& g, int64_t tile_begin, int64_t tile_e
                                const BlockKernel* block_kernels, int64_t max_block) {
   const int64_t tile_bytes = g.K / kChunkCols * kChunkBytes;
   const uint8_t* last = g.tiles + tile_end * tile_bytes - kChunkBytes;
-  if (g.n_tokens <= 4) prefetch_start(g.tiles + tile_begin * tile_bytes, last);
+  if (g.n_tokens <= max_block) prefetch_start(g.tiles + tile_begin * tile_bytes, last);
   for (int64_t tile = tile_begin; tile < tile_end; ++tile)
     for (int64_t t0 = 0; t0 < g.n_tokens; t0 += max_block) {
       const int64_t block = g.n_tokens - t0 < max_block ? g.n_tokens - t0 : max_block;

@@ -77,7 +77,7 @@ void tile_few_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* las
 // that chain, not throughput, would set the pace, so small blocks give planes 2 and 3 a second
 // set of accumulators (added together at the end: int32 sums, exact in any order).
 template <int T>
-void tile_many_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t*) {
+void tile_many_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
   constexpr int kSets = T <= 8 ? 2 : 1;
   const int64_t chunks = g.K / kChunkCols;
   const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
@@ -87,6 +87,7 @@ void tile_many_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t*) {
   for (int a = 0; a < kSets; ++a)
     for (int t = 0; t < T; ++t) acc[a][t] = _mm512_setzero_si512();
   for (int64_t s = 0; s < chunks; ++s) {
+    if (t0 == 0) prefetch_ahead(w + s * kChunkBytes, last);  // the tile's first pass streams from DRAM
     const __m512i x = _mm512_loadu_si512(w + s * kChunkBytes);
     const __m512i p0 = _mm512_and_si512(x, m);
     const __m512i p1 = _mm512_and_si512(_mm512_srli_epi16(x, 2), m);
