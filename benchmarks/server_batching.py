@@ -56,7 +56,9 @@ async def timed(http: httpx.AsyncClient, streams: int, max_tokens: int, temperat
 async def measure(url: str, pid: int, args) -> list[dict]:
     rows, n, s = [], args.max_tokens, args.streams
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await timed(http, 1, 4, args.temperature, pid)  # warm up
+        # Warm up every slot: each then holds the prompt, so every timed request reuses it and
+        # prefill cancels in the differences (a first-time prefill would land in one term only)
+        await timed(http, s, 4, args.temperature, pid)
         for repeat in range(args.repeat):
             t = {}
             for streams in (1, s):  # interleaved, so drift hits both alike

@@ -20,22 +20,26 @@ namespace {
 
 constexpr auto kSpin = std::chrono::microseconds(2000);  // then sleep until woken
 
+// Work is handed out through one atomic word: call generation (32 bits) | pieces (16) | next
+// piece (16). A claim is a compare-exchange of that word, so a worker that wakes late, after
+// its call has returned, finds the generation moved on or nothing left, and never touches the
+// finished call's context.
 class Pool {
  public:
-  void run(int n_threads, TaskFn fn, void* ctx) {
+  void run(int n_threads, int pieces, TaskFn fn, void* ctx) {
     std::lock_guard<std::mutex> caller(call_mutex_);
     while (int(workers_.size()) < n_threads - 1) start_worker();
     fn_ = fn;
     ctx_ = ctx;
-    n_threads_ = n_threads;
-    pending_.store(n_threads - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    work_.store(++generation_ << 32 | uint64_t(pieces) << 16, std::memory_order_release);
     for (int i = 0; i < n_threads - 1; ++i) workers_[i]->ticket.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
       wake_.notify_all();
     }
-    fn(ctx, 0, n_threads);
-    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+    claim_pieces();
+    while (done_.load(std::memory_order_acquire) != pieces) cpu_relax();
   }
 
  private:
@@ -44,14 +48,26 @@ class Pool {
     std::thread thread;
   };
 
-  void start_worker() {
-    const int index = int(workers_.size()) + 1;
-    workers_.push_back(std::make_unique<Worker>());
-    Worker* w = workers_.back().get();
-    w->thread = std::thread([this, w, index] { loop(*w, index); });
+  void claim_pieces() {
+    uint64_t w = work_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = w & 0xffff, pieces = w >> 16 & 0xffff;
+      if (next >= pieces) return;
+      if (work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        fn_(ctx_, int(next));
+        done_.fetch_add(1, std::memory_order_release);
+        ++w;
+      }
+    }
   }
 
-  void loop(Worker& w, int index) {
+  void start_worker() {
+    workers_.push_back(std::make_unique<Worker>());
+    Worker* w = workers_.back().get();
+    w->thread = std::thread([this, w] { loop(*w); });
+  }
+
+  void loop(Worker& w) {
     uint64_t seen = 0;
     for (;;) {
       auto start = std::chrono::steady_clock::now();
@@ -67,8 +83,7 @@ class Pool {
         }
       }
       seen = w.ticket.load(std::memory_order_acquire);
-      fn_(ctx_, index, n_threads_);
-      pending_.fetch_sub(1, std::memory_order_release);
+      claim_pieces();
     }
   }
 
@@ -76,8 +91,9 @@ class Pool {
   std::vector<std::unique_ptr<Worker>> workers_;
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  int n_threads_ = 1;
-  std::atomic<int> pending_{0};
+  uint64_t generation_ = 0;  // the caller's alone
+  alignas(64) std::atomic<uint64_t> work_{0};
+  alignas(64) std::atomic<int> done_{0};
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
   std::atomic<int> sleepers_{0};
@@ -90,12 +106,12 @@ Pool& pool() {
 
 }  // namespace
 
-void run_parallel(int n_threads, TaskFn fn, void* ctx) {
+void run_parallel(int n_threads, int pieces, TaskFn fn, void* ctx) {
   if (n_threads <= 1) {
-    fn(ctx, 0, 1);
+    for (int i = 0; i < pieces; ++i) fn(ctx, i);
     return;
   }
-  pool().run(n_threads, fn, ctx);
+  pool().run(n_threads, pieces, fn, ctx);
 }
 
 }  // namespace tritlm
