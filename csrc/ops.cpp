@@ -580,9 +580,8 @@ template <class V> void attention_items(const AttentionArgs& args, int64_t begin
 // ------------------------------------------------------------------ LM head and embedding rows
 
 // Each row type decodes one block of a row (kBlock elements, a multiple of 16) into 16-float
-// chunks (`chunk`), and `at` is one element, for a float row's tail. The quantized types also
-// give the block's int8 codes and, for each 32 of them, the scale of each lane of `dot_pairs`:
-// the LM head multiplies them with int16 activations (head_block_int).
+// chunks (`chunk`), and `at` is one element, for a float row's tail. The LM head takes the
+// quantized types' codes and scales from the decoded block directly (head_block_int).
 struct RowF32 {
   static constexpr int64_t kBlock = 16, kBytes = 64;
   struct Block {
