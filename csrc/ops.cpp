@@ -775,30 +775,26 @@ void head_block_int(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, i
     for (int r = 0; r < NR; ++r) h.out[(t0 + t) * h.vocab + r0 + r] = V::sum(acc[t][r]) * h.dx[t0 + t];
 }
 
+// NR rows x NT tokens: in float for F32 / F16 rows, in integers for the quantized ones.
+template <class V, class Row, int NR, int NT>
+void head_rows_tokens(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
+                      const uint8_t* ahead, int64_t ahead_bytes) {
+  if constexpr (Row::kBlock > 16) head_block_int<V, Row, NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+  else head_block<V, Row, NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+}
+
 template <class V, class Row, int NR>
 void head_block_tokens(int nt, const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
                        const uint8_t* ahead, int64_t ahead_bytes) {
-  if constexpr (Row::kBlock > 16) {  // quantized
-    switch (nt) {
-      case 1: return head_block_int<V, Row, NR, 1>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-      case 2: return head_block_int<V, Row, NR, 2>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-      case 3: return head_block_int<V, Row, NR, 3>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-      case 4: return head_block_int<V, Row, NR, 4>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-      case 5: return head_block_int<V, Row, NR, 5>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-      case 6: return head_block_int<V, Row, NR, 6>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-      case 7: return head_block_int<V, Row, NR, 7>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-      default: return head_block_int<V, Row, NR, 8>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    }
-  }
   switch (nt) {
-    case 1: return head_block<V, Row, NR, 1>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    case 2: return head_block<V, Row, NR, 2>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    case 3: return head_block<V, Row, NR, 3>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    case 4: return head_block<V, Row, NR, 4>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    case 5: return head_block<V, Row, NR, 5>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    case 6: return head_block<V, Row, NR, 6>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    case 7: return head_block<V, Row, NR, 7>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
-    default: return head_block<V, Row, NR, 8>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 1: return head_rows_tokens<V, Row, NR, 1>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 2: return head_rows_tokens<V, Row, NR, 2>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 3: return head_rows_tokens<V, Row, NR, 3>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 4: return head_rows_tokens<V, Row, NR, 4>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 5: return head_rows_tokens<V, Row, NR, 5>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 6: return head_rows_tokens<V, Row, NR, 6>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    case 7: return head_rows_tokens<V, Row, NR, 7>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+    default: return head_rows_tokens<V, Row, NR, 8>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
   }
 }
 
