@@ -688,6 +688,19 @@ constexpr int kHeadTokens = 8;   // tokens per pass: each weight load feeds up t
                                  // 8 decoding streams reads the head once)
 constexpr int64_t kGroup = 64;   // rows kept in L2 while every token passes over them
 
+// The next block of rows (decode only; null otherwise), prefetched into L2 a share per step
+// of `steps`, so it arrives while this block computes.
+struct AheadPrefetch {
+  const uint8_t* ahead;
+  int64_t bytes, step;
+  AheadPrefetch(const uint8_t* a, int64_t n, int64_t steps)
+      : ahead(a), bytes(n), step(a && steps ? ((n + steps - 1) / steps + 63) & ~int64_t(63) : 0) {}
+  void operator()(int64_t s) const {
+    if (ahead)
+      for (int64_t o = s * step; o < std::min((s + 1) * step, bytes); o += 64) __builtin_prefetch(ahead + o, 0, 1);
+  }
+};
+
 // out[t0 .. t0+NT) x [r0, r0+NR): NR rows (at `rows`, row_bytes apart) against NT tokens,
 // NR x NT accumulators sharing each load. `ahead` (decode only) is the next block of rows:
 // prefetched a little per step, so it arrives while this block computes.
@@ -697,7 +710,7 @@ void head_block(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64
   using R = Vec<V>;
   constexpr int kChunks = int(Row::kBlock / 16);
   const int64_t D = h.D, blocks = D / Row::kBlock, steps = blocks * kChunks;
-  const int64_t ahead_step = ahead && steps ? ((ahead_bytes + steps - 1) / steps + 63) & ~int64_t(63) : 0;
+  const AheadPrefetch prefetch{ahead, ahead_bytes, steps};
   const float* x = h.x + t0 * D;
   R acc[NT][NR];
   for (int t = 0; t < NT; ++t)
@@ -707,9 +720,7 @@ void head_block(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64
     for (int r = 0; r < NR; ++r) blk[r].template decode<V>(rows + r * row_bytes + b * Row::kBytes);
     for (int c = 0; c < kChunks; ++c) {
       const int64_t s = b * kChunks + c;
-      if (ahead)
-        for (int64_t o = s * ahead_step; o < std::min((s + 1) * ahead_step, ahead_bytes); o += 64)
-          __builtin_prefetch(ahead + o, 0, 1);
+      prefetch(s);
       R w[NR];
       for (int r = 0; r < NR; ++r) w[r] = blk[r].template chunk<V>(c);
       for (int t = 0; t < NT; ++t) {
@@ -739,7 +750,7 @@ void head_block_int(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, i
   constexpr bool kQ6 = std::is_same_v<Row, RowQ6_K>;
   constexpr int kStep = kQ6 ? 64 : 32, kChunks = int(Row::kBlock / kStep);
   const int64_t D = h.D, blocks = D / Row::kBlock, steps = blocks * kChunks;
-  const int64_t ahead_step = ahead && steps ? ((ahead_bytes + steps - 1) / steps + 63) & ~int64_t(63) : 0;
+  const AheadPrefetch prefetch{ahead, ahead_bytes, steps};
   R acc[NT][NR];
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < NR; ++r) acc[t][r] = V::zero();
@@ -748,9 +759,7 @@ void head_block_int(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, i
     for (int r = 0; r < NR; ++r) blk[r].template decode<V>(rows + r * row_bytes + b * Row::kBytes);
     for (int c = 0; c < kChunks; ++c) {
       const int64_t s = b * kChunks + c, k = s * kStep;
-      if (ahead)
-        for (int64_t o = s * ahead_step; o < std::min((s + 1) * ahead_step, ahead_bytes); o += 64)
-          __builtin_prefetch(ahead + o, 0, 1);
+      prefetch(s);
       for (int r = 0; r < NR; ++r) {
         if constexpr (kQ6) {
           const R scale = V::spread4(blk[r].scale + 4 * c);
