@@ -14,6 +14,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "memory.h"
+#include "pack.h"
 #include "threadpool.h"
 
 namespace nb = nanobind;
@@ -164,6 +165,44 @@ NB_MODULE(_native, m) {
     return sums;
   }, nb::arg("weights"), nb::arg("acts"), nb::arg("isa"), nb::arg("n_threads") = 1,
   "The exact int32 sums S[n, m] behind gemm.");
+
+  m.def("pack_tiles", [](const Output& tiles, nb::list parts, int64_t K, int n_threads) {
+    check_threads(n_threads);
+    check_k(K);
+    std::vector<PackPart> ps;
+    int64_t M = 0;
+    for (size_t i = 0; i < nb::len(parts); ++i) {
+      const std::string what = "part " + std::to_string(i);
+      const auto part = nb::cast<nb::tuple>(parts[i]);  // (layout, data, rows)
+      const auto name = nb::cast<std::string>(part[0]);
+      const auto rows = nb::cast<int64_t>(part[2]);
+      Layout layout;
+      if (!layout_named(name, &layout)) fail(what + ": unknown layout " + name + " (int8, I2_S, TQ2_0, TQ1_0)");
+      if (!layout_fits(layout, K)) fail(what + ": K=" + std::to_string(K) + " does not fit " + name + " blocks");
+      if (rows < 1) fail(what + ": rows must be positive");
+      const Input data = input(part[1], "data");
+      const void* p = layout == Layout::kInt8 ? check(data, "data", {nb::dtype<int8_t>()}, {rows, K})
+                                              : check(data, "data", {kU8}, {kAny});
+      if (int64_t(data.size()) < layout_bytes(layout, rows, K))
+        fail(what + ": " + std::to_string(data.size()) + " bytes of " + name + ", " + std::to_string(rows) + " rows need " +
+             std::to_string(layout_bytes(layout, rows, K)));
+      ps.push_back({layout, static_cast<const uint8_t*>(p), rows});
+      M += rows;
+    }
+    if (ps.empty()) fail("no parts to pack");
+    auto* out = static_cast<uint8_t*>(check(tiles, "tiles", {kU8}, {(M + kTileRows - 1) / kTileRows, K / kChunkCols, kChunkBytes}));
+    auto scales = new_array<float>({size_t(M)});
+    std::vector<PackResult> results;
+    {
+      nb::gil_scoped_release release;
+      results = pack_tiles(ps, K, out, scales.data(), n_threads);
+    }
+    nb::list flags;
+    for (const PackResult& r : results) flags.append(nb::make_tuple(r.corrupt, r.mixed_scales, r.nonzero));
+    return nb::make_tuple(scales, flags);
+  }, nb::arg("tiles"), nb::arg("parts"), nb::arg("K"), nb::arg("n_threads") = 1,
+  "Packs parts (layout, data, rows), stacked by rows, into tiles. Returns (row scales [M], read from the file "
+  "layouts' bytes and unset for int8 parts; one (corrupt, mixed_scales, nonzero) per part).");
 
   m.def("empty_streaming", [](size_t nbytes) {
     uint8_t* p = alloc_streaming(nbytes);

@@ -128,6 +128,52 @@ def test_matrix_from_file_layouts(rng, layout):
     np.testing.assert_array_equal(matrix.scale, np.full(24, 0.5, np.float32))
 
 
+def test_stack_packs_mixed_layouts_like_numpy(rng):
+    """Parts in every layout, stacked, with row counts that leave tiles shared and padded: the C++
+    packer against NumPy's unpack + pack_tiles."""
+    k, parts, ternaries, scales = 512, [], [], []
+    for layout, rows in (("int8", 5), ("I2_S", 19), ("TQ2_0", 8), ("TQ1_0", 3)):
+        ternary = random_ternary(rng, rows, k)
+        ternary[1, :256] = 0  # an all-zero TQ block has scale 0 in the file
+        scale = rng.uniform(0.5, 2, rows).astype(np.float32) if layout != "I2_S" else np.float32(0.25)
+        if layout == "int8":
+            parts.append(kernels.Part(layout, ternary, ternary.shape, scale))
+            ternaries.append(ternary), scales.append(scale)
+            continue
+        pack, unpack = layouts.FILE_LAYOUTS[layout]
+        data = pack(ternary, scale)
+        parts.append(kernels.Part(layout, data, ternary.shape))
+        expected_ternary, expected_scale = unpack(data, ternary.shape)
+        ternaries.append(expected_ternary), scales.append(expected_scale)
+    for n_threads in (1, 2, 5):
+        matrix = kernels.TernaryMatrix.stack(parts, n_threads=n_threads)
+        np.testing.assert_array_equal(matrix.tiles, layouts.pack_tiles(np.concatenate(ternaries)))
+        np.testing.assert_array_equal(matrix.scale, np.concatenate(scales))
+
+
+@pytest.mark.parametrize("layout, corrupt, message", [
+    ("I2_S", lambda d: d.__setitem__(7, 0xFF), "I2_S weights that are not -1, 0 or \\+1"),
+    ("TQ2_0", lambda d: d.__setitem__(64, d[64] ^ 1), "TQ2_0 block scales differ within a row"),
+    ("TQ1_0", lambda d: d.__setitem__(np.s_[52:54], np.array([-1], np.float16).view(np.uint8)), "TQ1_0 block scales differ"),
+    ("int8", lambda d: d.__setitem__((0, 3), 2), "int8 weights that are not"),
+])
+def test_stack_names_the_corrupt_tensor(rng, layout, corrupt, message):
+    ternary = random_ternary(rng, 4, 512)
+    data = ternary.copy() if layout == "int8" else layouts.FILE_LAYOUTS[layout][0](ternary, np.float32(1))
+    corrupt(data)
+    part = kernels.Part(layout, data, ternary.shape, 1.0 if layout == "int8" else None, "blk.3.ffn_up")
+    with pytest.raises(ValueError, match=f"blk.3.ffn_up: {message}"):
+        kernels.TernaryMatrix.stack([part])
+
+
+def test_stack_rejects_short_data_and_mixed_k(rng):
+    data = layouts.pack_i2s(random_ternary(rng, 4, 256), 1.0)
+    with pytest.raises(ValueError, match="bytes of I2_S, 4 rows need 288"):
+        kernels.TernaryMatrix.stack([kernels.Part("I2_S", data[:-1], (4, 256))])
+    with pytest.raises(ValueError, match="one row length K"):
+        kernels.TernaryMatrix.stack([kernels.Part("I2_S", data, (4, 256)), kernels.Part("I2_S", data, (2, 512))])
+
+
 def test_matrix_from_hf(rng):
     ternary = random_ternary(rng, 24, 256)
     matrix = kernels.TernaryMatrix.from_hf(layouts.pack_hf(ternary), 2.0)

@@ -16,6 +16,7 @@ import pytest
 from tiny_models import relative_error, transformers_logits, write_bitnet
 
 from tritlm.models import export, loader, reference
+from tritlm.runtime import Engine
 
 TOKENS = np.random.default_rng(0).integers(0, 320, 64)
 MODELS = [  # (model_type, flavour, overrides): each family, each checkpoint flavour
@@ -101,8 +102,8 @@ def test_all_zero_ternary_matrix_warns(tmp_path):
     tensors["blk.0.attn_k"].ternary[:] = 0
     path = tmp_path / "model.gguf"
     export.write_gguf_model(path, config, tensors)
-    with pytest.warns(UserWarning, match="blk.0.attn_k.weight: every weight is zero"):
-        loader.load_gguf(path)
+    with pytest.warns(UserWarning, match="blk.0.attn_k: every weight is zero"):
+        Engine(*loader.load_gguf(path)[:2], n_ctx=8)
 
 
 def test_not_a_model_path(tmp_path):

@@ -1,8 +1,8 @@
 """The C++ kernels, behind a checked Python API.
 
-Weights live in `TernaryMatrix`: one copy, 2 bits per weight, repacked once from any file layout
-into the tile layout the kernels stream (see `tritlm.quant.layouts`) and held in huge-page-backed
-memory. Activations are quantized per token by `quantize_activations`, once per input, and the
+Weights live in `TernaryMatrix`: one copy, 2 bits per weight, packed once in C++ from an int8
+array or straight from a file layout's bytes into the tile layout the kernels stream (see
+`tritlm.quant.layouts`), in huge-page-backed memory. Activations are quantized per token by `quantize_activations`, once per input, and the
 result can feed several matrices (q, k and v read the same activations).
 
 Every call takes `isa` (a kernel set from `ISAS`, default the best, or the `TRITLM_ISA`
@@ -12,6 +12,8 @@ environment variable) and `n_threads` (default: every CPU this process may use).
 from __future__ import annotations
 
 import os
+import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,32 +48,71 @@ def quantize_activations(x: np.ndarray, *, isa: str | None = None,
     return _native.quantize(x, isa or default_isa(), n_threads or default_threads())
 
 
+class Part(NamedTuple):
+    """A matrix to pack, alone or stacked with others by rows: `data` in `layout`, either "int8"
+    (ternary [rows, K], with its `scale`) or one of `layouts.FILE_LAYOUTS` (the file's bytes,
+    which hold the scales)."""
+
+    layout: str
+    data: np.ndarray
+    shape: tuple[int, int]
+    scale: np.ndarray | float | None = None
+    name: str | None = None  # a model's tensor: named in errors, and warned about if all zero
+
+
 class TernaryMatrix:
     """A ternary weight matrix [M, K] (weight = ternary * scale[row]) ready for the kernels."""
 
     def __init__(self, ternary: np.ndarray, scale):
         ternary = np.asarray(ternary)
-        if ternary.ndim != 2 or ternary.shape[1] % 128 or not ternary.shape[0]:
-            raise ValueError(f"ternary weights must be [M, K] with K a multiple of 128, got {ternary.shape}")
-        self.shape = ternary.shape
-        tiles = layouts.pack_tiles(ternary)
-        self.tiles = _native.empty_streaming(tiles.nbytes).reshape(tiles.shape)
-        self.tiles[...] = tiles
-        self.scale = np.array(layouts.row_scales(scale, self.shape[0]))
-        self._weights = _native.Weights(self.tiles, self.shape[0], self.scale)
+        if ternary.dtype != np.int8 or ternary.ndim != 2:
+            raise ValueError(f"ternary weights must be int8 [M, K], got {ternary.dtype} {ternary.shape}")
+        self._pack([Part("int8", np.ascontiguousarray(ternary), ternary.shape, scale)])
+
+    @classmethod
+    def stack(cls, parts: list[Part], *, out: np.ndarray | None = None,
+              n_threads: int | None = None) -> TernaryMatrix:
+        """One matrix of the parts stacked by rows (q, k and v: one stream over the weights),
+        packed into `out` (uint8, `layouts.tiles_shape` bytes) or new huge-page memory."""
+        matrix = cls.__new__(cls)
+        matrix._pack(parts, out, n_threads)
+        return matrix
 
     @classmethod
     def from_layout(cls, layout: str, data: np.ndarray, shape) -> TernaryMatrix:
         """From the bytes of a file tensor in one of `layouts.FILE_LAYOUTS` (I2_S, TQ2_0, TQ1_0)."""
         if layout not in layouts.FILE_LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; known: {', '.join(layouts.FILE_LAYOUTS)}")
-        _, unpack = layouts.FILE_LAYOUTS[layout]
-        return cls(*unpack(data, tuple(shape)))
+        return cls.stack([Part(layout, data, tuple(shape))])
 
     @classmethod
     def from_hf(cls, packed: np.ndarray, scale) -> TernaryMatrix:
         """From a Hugging Face packed uint8 [M/4, K] tensor and its multiplicative scale."""
         return cls(layouts.unpack_hf(packed), scale)
+
+    def _pack(self, parts: list[Part], out: np.ndarray | None = None, n_threads: int | None = None) -> None:
+        if not parts or len({p.shape[1] for p in parts}) != 1:
+            raise ValueError(f"stacked matrices need one row length K, got {[p.shape for p in parts]}")
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+        tiles_shape = layouts.tiles_shape(self.shape)
+        self.tiles = (_native.empty_streaming(int(np.prod(tiles_shape))) if out is None else out).reshape(tiles_shape)
+        scale, flags = _native.pack_tiles(self.tiles, [(p.layout, p.data, p.shape[0]) for p in parts],
+                                          self.shape[1], n_threads or default_threads())
+        begin = 0
+        for p, (corrupt, mixed_scales, nonzero) in zip(parts, flags):
+            if corrupt:
+                raise ValueError(f"{p.name or 'weights'}: {p.layout} weights that are not -1, 0 or +1")
+            if mixed_scales:
+                raise ValueError(f"{p.name or 'weights'}: {p.layout} block scales differ within a row; "
+                                 "a ternary model has one scale per row")
+            if p.name and not nonzero:
+                warnings.warn(f"{p.name}: every weight is zero; the file may be corrupt", stacklevel=4)
+            if p.layout == "int8":
+                scale[begin : begin + p.shape[0]] = layouts.row_scales(p.scale, p.shape[0])
+            begin += p.shape[0]
+        layouts.row_scales(scale, self.shape[0])  # finite and non-negative, or ValueError
+        self.scale = scale
+        self._weights = _native.Weights(self.tiles, self.shape[0], self.scale)
 
     @property
     def nbytes(self) -> int:

@@ -118,6 +118,35 @@ class TensorInfo:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class FileRegion:
+    """`nbytes` bytes of a file from `offset`, read when needed with plain reads: pages read
+    through a memory map would count toward the process's memory as long as the map lives."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill `out`, a contiguous buffer of exactly nbytes."""
+        view = memoryview(out).cast("B")
+        if view.nbytes != self.nbytes:
+            raise ValueError(f"{self.path}: a buffer of {view.nbytes} bytes for {self.nbytes}")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            done = 0
+            while done < self.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{self.path} ends inside a tensor: was it changed after it was opened?")
+                done += n
+
+    def read(self) -> np.ndarray:
+        out = np.empty(self.nbytes, np.uint8)
+        self.read_into(out)
+        return out
+
+
 def _plain(v):
     """A GGUFValue as a plain Python value, arrays as lists."""
     if isinstance(v, GGUFValue):
@@ -298,6 +327,11 @@ class GGUFFile:
         if self._bytes is None:
             raise ValueError(f"{self.path} is closed")
         return self._bytes[t.offset : t.offset + t.nbytes]
+
+    def region(self, name: str) -> FileRegion:
+        """Where the tensor's bytes lie, to read them later (after the file is closed)."""
+        t = self.tensors[name]
+        return FileRegion(self.path, t.offset, t.nbytes)
 
     def tensor_array(self, name: str) -> np.ndarray:
         """The tensor as float32 in its NumPy shape (F32 is a view; the others are decoded)."""

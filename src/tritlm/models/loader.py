@@ -1,20 +1,22 @@
 """Read a model's configuration and tensors from a GGUF file or a Hugging Face directory, under
 GGUF tensor names: `blk.{i}.attn_q`, `token_embd`, ...
 
-Ternary matrices come out as `TernaryTensor` (int8 ternary + one float32 scale per row), whatever
-the file layout or checkpoint flavour; the token embedding and output head as `FloatMatrix` (the
-stored bytes, F16 / Q6_K / ... as the C++ ops read them); norms as float32 arrays."""
+Ternary matrices come out as `TernaryTensor` (int8 ternary + one float32 scale per row); from a
+GGUF file as `StoredTernary`, which keeps only where the bytes lie: the engine packs them to its
+tiles in C++ straight from the file, and `.ternary` / `.scale` unpack them when asked. The token
+embedding and output head come out as `FloatMatrix` (the stored bytes, F16 / Q6_K / ... as the
+C++ ops read them); norms as float32 arrays."""
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from ..formats.gguf import GGUFFile
+from ..formats.gguf import FileRegion, GGUFFile
 from ..formats.hf import HFCheckpoint, is_hf_directory
 from ..quant import blocks, layouts, ternarize
 from .config import ModelConfig, family_of
@@ -34,11 +36,30 @@ class TernaryTensor:
         return self.ternary.shape
 
 
+class StoredTernary(TernaryTensor):
+    """A ternary tensor where its file holds it, in one of `layouts.FILE_LAYOUTS`."""
+
+    def __init__(self, layout: str, shape: tuple[int, int], region: FileRegion):
+        self.layout, self._shape, self.region = layout, tuple(shape), region
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @cached_property
+    def _unpacked(self) -> tuple[np.ndarray, np.ndarray]:
+        _, unpack = layouts.FILE_LAYOUTS[self.layout]
+        return unpack(self.region.read(), self.shape)
+
+    ternary = property(lambda self: self._unpacked[0])
+    scale = property(lambda self: self._unpacked[1])
+
+
 @dataclass
 class FloatMatrix:
-    """A [rows, cols] matrix kept as stored: raw bytes of one GGUF type."""
+    """A [rows, cols] matrix kept as stored: the bytes of one GGUF type, in memory or in a file."""
 
-    data: np.ndarray  # uint8
+    source: np.ndarray | FileRegion  # uint8
     type: str  # "F32", "F16", "BF16", "Q8_0", "Q6_K"
     rows: int
     cols: int
@@ -48,21 +69,30 @@ class FloatMatrix:
         a = np.ascontiguousarray(array, dtype=np.float32)
         return cls(a.reshape(-1).view(np.uint8), "F32", *a.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes
+
+    @property
+    def data(self) -> np.ndarray:
+        """The bytes (read from the file each time, if they are there)."""
+        return self.source.read() if isinstance(self.source, FileRegion) else self.source
+
+    def read_into(self, out: np.ndarray) -> None:
+        if isinstance(self.source, FileRegion):
+            self.source.read_into(out)
+        else:
+            out[...] = self.source
+
     def to_array(self) -> np.ndarray:
-        shape = (self.rows, self.cols)
+        shape, data = (self.rows, self.cols), self.data
         if self.type == "F32":
-            return self.data.view(np.float32).reshape(shape)
+            return data.view(np.float32).reshape(shape)
         convert = {"F16": blocks.f16_to_f32, "BF16": blocks.bf16_to_f32}.get(self.type)
         if convert:
-            return convert(self.data.view(np.uint16)).reshape(shape)
+            return convert(data.view(np.uint16)).reshape(shape)
         dequantize = {"Q8_0": blocks.dequantize_q8_0, "Q6_K": blocks.dequantize_q6_k}[self.type]
-        return dequantize(self.data, shape)
-
-
-def warn_if_zero(name: str, t: TernaryTensor) -> TernaryTensor:
-    if not t.ternary.any():
-        warnings.warn(f"{name}: every weight is zero; the file may be corrupt", stacklevel=3)
-    return t
+        return dequantize(data, shape)
 
 
 # Hugging Face name (after `model.`) -> GGUF name; both spellings of the BitNet sub-norms
@@ -141,7 +171,7 @@ def _hf_ternary(ckpt: HFCheckpoint, hf_name: str, out_features: int, quant: dict
     else:
         raise ValueError(f"{hf_name}.weight: unexpected {weight.dtype} {weight.shape} for "
                          f"{out_features} output features")
-    return warn_if_zero(hf_name, TernaryTensor(ternary, np.full(ternary.shape[0], scale, np.float32)))
+    return TernaryTensor(ternary, np.full(ternary.shape[0], scale, np.float32))
 
 
 def required_tensors(config: ModelConfig) -> list[str]:
@@ -230,14 +260,13 @@ def load_gguf(path) -> tuple[ModelConfig, dict, dict]:
             if info.type_name in layouts.FILE_LAYOUTS:
                 if kind not in TERNARY_TENSORS:
                     raise ValueError(f"{name}: ternary type {info.type_name} where a float tensor belongs")
-                _, unpack = layouts.FILE_LAYOUTS[info.type_name]
-                tensors[stem] = warn_if_zero(name, TernaryTensor(*unpack(f.tensor_data(name), info.shape)))
+                tensors[stem] = StoredTernary(info.type_name, info.shape, f.region(name))
             elif kind in TERNARY_TENSORS:
                 raise ValueError(f"{name}: type {info.type_name} is not ternary; tritlm runs ternary "
                                  "models (I2_S, TQ1_0, TQ2_0)")
             elif stem in ("token_embd", "output"):
                 rows, cols = info.shape
-                tensors[stem] = FloatMatrix(np.array(f.tensor_data(name)), info.type_name, rows, cols)
+                tensors[stem] = FloatMatrix(f.region(name), info.type_name, rows, cols)
             else:
                 tensors[stem] = np.array(f.tensor_array(name), dtype=np.float32)
         check_complete(config, tensors)

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _native, kernels
-from ..kernels import TernaryMatrix
+from ..kernels import Part, TernaryMatrix
 from ..models.config import ModelConfig
+from ..models.loader import FloatMatrix, StoredTernary
+from ..quant import layouts
 
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
 
@@ -36,9 +38,40 @@ class Layer:
     ffn_down: TernaryMatrix
 
 
-def _stacked(*tensors) -> TernaryMatrix:
-    return TernaryMatrix(np.concatenate([t.ternary for t in tensors]),
-                         np.concatenate([t.scale for t in tensors]))
+# Each layer's ternary matrices, stacked from these tensors: one stream over the weights for
+# q, k and v, and one for gate and up.
+STACKS = {"qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
+          "gate_up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
+
+
+def _part(name: str, tensor) -> Part:
+    if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes
+        return Part(tensor.layout, tensor.region.read(), tensor.shape, name=name)
+    return Part("int8", tensor.ternary, tensor.shape, tensor.scale, name)
+
+
+def _tiles_bytes(stack: dict) -> int:
+    rows = sum(t.shape[0] for t in stack.values())
+    return int(np.prod(layouts.tiles_shape((rows, next(iter(stack.values())).shape[1]))))
+
+
+class _Arena:
+    """One huge-page buffer, handed out in consecutive 64-byte-aligned pieces."""
+
+    def __init__(self, sizes: list[int]):
+        self.buffer, self.offset = _native.empty_streaming(sum(map(self._aligned, sizes))), 0
+
+    @staticmethod
+    def _aligned(nbytes: int) -> int:
+        return -(-nbytes // 64) * 64
+
+    def take(self, nbytes: int) -> np.ndarray:
+        self.offset += self._aligned(nbytes)
+        return self.buffer[self.offset - self._aligned(nbytes) :][:nbytes]
+
+    def copy_of(self, matrix: FloatMatrix) -> FloatMatrix:
+        matrix.read_into(data := self.take(matrix.nbytes))
+        return FloatMatrix(data, matrix.type, matrix.rows, matrix.cols)
 
 
 class Sequence:
@@ -70,17 +103,22 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.isa = kernels.default_isa()
         self.set_threads(n_threads or kernels.default_threads())
-        self.embedding = tensors["token_embd"]
-        self.head = self.embedding if config.tied_embeddings else tensors["output"]
+        # Every weight a step streams lives in one huge-page buffer, filled tensor by tensor from
+        # the file: a buffer per matrix would round each up to whole 2 MiB pages.
+        head = tensors["token_embd" if config.tied_embeddings else "output"]
+        floats = [head] if config.tied_embeddings else [head, tensors["token_embd"]]
+        stacks = [{key: {f"blk.{i}.{n}": tensors[f"blk.{i}.{n}"] for n in names} for key, names in STACKS.items()}
+                  for i in range(config.n_layers)]
+        arena = _Arena([f.nbytes for f in floats] + [_tiles_bytes(s) for layer in stacks for s in layer.values()])
+        self.head = arena.copy_of(head)
+        self.embedding = self.head if config.tied_embeddings else arena.copy_of(tensors["token_embd"])
         self.layers = []
-        for i in range(config.n_layers):
-            t = {name.split(".", 2)[2]: value for name, value in tensors.items()
-                 if name.startswith(f"blk.{i}.")}
-            self.layers.append(Layer(
-                attn_norm=t["attn_norm"], qkv=_stacked(t["attn_q"], t["attn_k"], t["attn_v"]),
-                attn_sub_norm=t.get("attn_sub_norm"), attn_output=_stacked(t["attn_output"]),
-                ffn_norm=t["ffn_norm"], gate_up=_stacked(t["ffn_gate"], t["ffn_up"]),
-                ffn_sub_norm=t.get("ffn_sub_norm"), ffn_down=_stacked(t["ffn_down"])))
+        for i, layer in enumerate(stacks):
+            matrices = {key: TernaryMatrix.stack([_part(n, t) for n, t in stack.items()], n_threads=self.n_threads,
+                                                 out=arena.take(_tiles_bytes(stack)))
+                        for key, stack in layer.items()}
+            norms = {n: tensors.get(f"blk.{i}.{n}") for n in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")}
+            self.layers.append(Layer(**norms, **matrices))
         c = config
         dims = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.n_heads,
                 "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
@@ -100,7 +138,7 @@ class Engine:
         """Weight bytes one decode step reads: every ternary matrix and the output head."""
         matrices = [m for layer in self.layers
                     for m in (layer.qkv, layer.attn_output, layer.gate_up, layer.ffn_down)]
-        return sum(m.nbytes for m in matrices) + self.head.data.nbytes
+        return sum(m.nbytes for m in matrices) + self.head.nbytes
 
     def new_sequence(self, n_ctx: int | None = None) -> Sequence:
         n_ctx = n_ctx or self.n_ctx

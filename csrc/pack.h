@@ -1,0 +1,36 @@
+// Ternary tensors from the layouts they are stored in to the kernels' tiles (see kernels.h), in
+// C++ and in one pass: a model's weights go from the file's bytes straight to where the kernels
+// read them, with no int8 [M, K] copy in between.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tritlm {
+
+// How a part's bytes hold its codes (ternary + 1): kInt8 is a plain int8 [rows, K] ternary
+// array; the others are the file layouts of tritlm/quant/layouts.py.
+enum class Layout { kInt8, kI2_S, kTQ2_0, kTQ1_0 };
+bool layout_named(const std::string& name, Layout* layout);
+int64_t layout_bytes(Layout layout, int64_t rows, int64_t K);  // the bytes a part needs
+bool layout_fits(Layout layout, int64_t K);                   // K suits the layout's blocks
+
+struct PackPart {
+  Layout layout;
+  const uint8_t* data;
+  int64_t rows;
+};
+
+struct PackResult {
+  bool corrupt = false;       // a code of 3 (no ternary value)
+  bool mixed_scales = false;  // TQ1_0 / TQ2_0: nonzero block scales that differ within a row
+  bool nonzero = false;       // a weight that is not zero
+};
+
+// Packs the parts, stacked by rows, into tiles [ceil(M / 16)][K / 16][64] (M = the parts' rows;
+// rows past M get weight 0), and writes each file part's row scales into scales [M] (int8 parts'
+// rows are left alone: their scales are not in their bytes). One result per part.
+std::vector<PackResult> pack_tiles(const std::vector<PackPart>& parts, int64_t K, uint8_t* tiles, float* scales,
+                                   int n_threads);
+
+}  // namespace tritlm
