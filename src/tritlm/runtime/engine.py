@@ -110,6 +110,7 @@ class Engine:
         stacks = [{key: {f"blk.{i}.{n}": tensors[f"blk.{i}.{n}"] for n in names} for key, names in STACKS.items()}
                   for i in range(config.n_layers)]
         arena = _Arena([f.nbytes for f in floats] + [_tiles_bytes(s) for layer in stacks for s in layer.values()])
+        self.weights = arena.buffer  # uint8: every weight a step streams
         self.head = arena.copy_of(head)
         self.embedding = self.head if config.tied_embeddings else arena.copy_of(tensors["token_embd"])
         self.layers = []
