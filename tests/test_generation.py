@@ -5,7 +5,7 @@ import pytest
 from tiny_models import write_tokenizer
 
 from tritlm.generation import TextStream
-from tritlm.sampling import Sampler, SamplingParams
+from tritlm.sampling import Sampler, SamplingParams, _best
 from tritlm.tokenizer import Tokenizer
 
 
@@ -23,6 +23,19 @@ def test_top_k_keeps_the_k_best(rng):
     logits = rng.standard_normal(50)
     seen = set(draws(SamplingParams(temperature=5, top_k=3, top_p=1, min_p=0, seed=1), logits))
     assert seen == set(np.argsort(-logits)[:3].tolist())
+
+
+def test_best_is_a_stable_descending_sort(rng):
+    values = rng.integers(0, 20, 3000).astype(np.float64)  # many ties
+    for k in (1, 7, 150, 2999, 3000, 5000):
+        np.testing.assert_array_equal(_best(values, k), np.argsort(-values, kind="stable")[:k])
+
+
+def test_top_p_over_many_tokens():
+    """Without top-k the nucleus can hold thousands of tokens: the partial sorts must widen to find
+    it, ties kept in token order (4000 equal tokens, p = 0.5: the first 2000)."""
+    seen = draws(SamplingParams(temperature=1, top_k=0, top_p=0.5, min_p=0, seed=5), np.zeros(4000), n=300)
+    assert seen.max() < 2000 and seen.max() > 256
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

@@ -43,17 +43,17 @@ class Sampler:
         logits = self._penalized(np.array(logits, dtype=np.float64), context)
         if p.temperature == 0:
             return int(np.argmax(logits))
-        order = np.argsort(-logits, kind="stable")
-        if p.top_k:
-            order = order[: p.top_k]
-        probs = _softmax(logits[order])
-        if p.top_p < 1:  # the smallest prefix whose mass reaches top_p
-            order = order[: int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1]
-        if p.min_p:
-            keep = _softmax(logits[order]) >= p.min_p * _softmax(logits[order])[0]
-            order = order[keep]
-        probs = _softmax(logits[order] / p.temperature)
-        return int(order[self.rng.choice(len(order), p=probs)])
+        # No full sort of the vocabulary (12 ms for 128k tokens, per token of every stream):
+        # top-k takes a partial one, min-p a threshold, and top-p sorts only what survives them.
+        keep = _best(logits, p.top_k) if p.top_k else np.arange(len(logits))
+        probs = _softmax(logits[keep])
+        if p.min_p:  # relative to the best token, so it commutes with top-p's cut
+            kept = probs >= p.min_p * probs.max()
+            keep, probs = keep[kept], probs[kept]
+        if p.top_p < 1:
+            keep = keep[_nucleus(probs, p.top_p)]
+        probs = _softmax(logits[keep] / p.temperature)
+        return int(keep[self.rng.choice(len(keep), p=probs)])
 
     def _penalized(self, logits: np.ndarray, context: list[int]) -> np.ndarray:
         p = self.params
@@ -64,6 +64,30 @@ class Sampler:
                 logits[token] = v / p.repeat_penalty if v > 0 else v * p.repeat_penalty
             logits[token] -= p.presence_penalty + p.frequency_penalty * count
         return logits
+
+
+def _best(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, largest first, ties in index order: the first k of a
+    stable descending sort, from a partition."""
+    n = len(values)
+    if k >= n:
+        return np.argsort(-values, kind="stable")
+    kth = np.partition(values, n - k)[n - k]
+    above = np.flatnonzero(values > kth)
+    chosen = np.concatenate([above, np.flatnonzero(values == kth)[: k - len(above)]])
+    return chosen[np.argsort(-values[chosen], kind="stable")]
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the most likely probs, most likely first, up to the first whose cumulative
+    mass reaches top_p (searched among the best 256, then 4096, then all)."""
+    k = 256
+    while True:
+        best = _best(probs, k)
+        mass = np.cumsum(probs[best])
+        if mass[-1] >= top_p or k >= len(probs):
+            return best[: int(np.searchsorted(mass, top_p)) + 1]
+        k = k * 16 if k * 16 < len(probs) // 4 else len(probs)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
