@@ -12,7 +12,7 @@ def test_bench_kernels_json(capsys):
                  "-r", "1", "--stream-mib", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {(r["kernel"], r["threads"]): r for r in report["rows"]}
-    assert set(rows) == {(k, t) for k in ("read", "gemv", "gemm") for t in (1, 2)}
+    assert set(rows) == {(k, t) for k in ("read", "read mmap", "gemv", "gemm") for t in (1, 2)}
     assert rows[("gemm", 2)]["shape"] == "48x256x3"
     for (kernel, threads), row in rows.items():
         assert row["seconds"] > 0
