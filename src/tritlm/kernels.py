@@ -2,8 +2,9 @@
 
 Weights live in `TernaryMatrix`: one copy, 2 bits per weight, packed once in C++ from an int8
 array or straight from a file layout's bytes into the tile layout the kernels stream (see
-`tritlm.quant.layouts`), in huge-page-backed memory. Activations are quantized per token by `quantize_activations`, once per input, and the
-result can feed several matrices (q, k and v read the same activations).
+`tritlm.quant.layouts`), in huge-page-backed memory. Activations are quantized per token by
+`quantize_activations`, once per input, and the result can feed several matrices (q, k and v
+read the same activations).
 
 Every call takes `isa` (a kernel set from `ISAS`, default the best, or the `TRITLM_ISA`
 environment variable) and `n_threads` (default: every CPU this process may use).

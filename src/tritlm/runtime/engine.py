@@ -66,8 +66,9 @@ class _Arena:
         return -(-nbytes // 64) * 64
 
     def take(self, nbytes: int) -> np.ndarray:
+        start = self.offset
         self.offset += self._aligned(nbytes)
-        return self.buffer[self.offset - self._aligned(nbytes) :][:nbytes]
+        return self.buffer[start : start + nbytes]
 
     def copy_of(self, matrix: FloatMatrix) -> FloatMatrix:
         matrix.read_into(data := self.take(matrix.nbytes))
