@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,6 +35,12 @@ const T* checked(const Array& a, const char* name, std::vector<int64_t> shape) {
 template <class Array>
 std::string shape_str(const Array& a) { return dims_str(dims_of(a)); }
 
+Layout layout_named(const std::string& name) {
+  if (name == "tiles") return Layout::tiles;
+  if (name == "tiles5") return Layout::tiles5;
+  fail("layout must be 'tiles' or 'tiles5', got '" + name + "'");
+}
+
 void check_k(int64_t K) {
   if (K % 128 || K <= 0) fail("K (the row length) must be a positive multiple of 128, got " + std::to_string(K));
   if (K > kMaxK) fail("K must be at most " + std::to_string(kMaxK) + ", got " + std::to_string(K));
@@ -43,15 +50,25 @@ void check_k(int64_t K) {
 struct Weights {
   Held tiles, row_scale;
   int64_t M, K;
+  Layout layout;
 
-  Weights(const Input& tiles_, int64_t M_, const Input& row_scale_) : tiles(tiles_), row_scale(row_scale_), M(M_) {
+  Weights(const Input& tiles_, int64_t M_, const Input& row_scale_, const std::string& layout_)
+      : tiles(tiles_), row_scale(row_scale_), M(M_), layout(layout_named(layout_)) {
     if (M < 1) fail("M must be positive, got " + std::to_string(M));
-    if (tiles.ndim() != 3) fail("tiles: expected shape (tiles, K / 16, 64), got " + shape_str(tiles));
-    K = int64_t(tiles.shape(1)) * kChunkCols;
+    const bool five = layout == Layout::tiles5;
+    if (tiles.ndim() != 3)
+      fail(std::string("tiles: expected shape (tiles, ") + (five ? "K / 256 * 13" : "K / 16") + ", 64), got " +
+           shape_str(tiles));
+    const int64_t chunks = int64_t(tiles.shape(1));
+    K = five ? chunks / kBlock5Chunks * kBlock5Cols : chunks * kChunkCols;
+    if (five && chunks % kBlock5Chunks)  // 13 chunks per 256 columns
+      fail("tiles5: K (the row length) must be a positive multiple of 256, got tiles of " + shape_str(tiles));
     check_k(K);
-    checked<uint8_t>(tiles, "tiles", {(M + kTileRows - 1) / kTileRows, K / kChunkCols, kChunkBytes});
+    checked<uint8_t>(tiles, "tiles", {(M + kTileRows - 1) / kTileRows, chunks, kChunkBytes});
     checked<float>(row_scale, "row_scale", {M});
   }
+
+  std::string layout_name() const { return layout == Layout::tiles5 ? "tiles5" : "tiles"; }
 };
 
 // Quantized activations of n tokens: q [n, K], scale [n], row_sum [n].
@@ -73,6 +90,7 @@ Gemm make_gemm(const Weights& w, const Activations& a) {
   if (a.K != w.K) fail("activations have K=" + std::to_string(a.K) + ", weights K=" + std::to_string(w.K));
   Gemm g{};
   g.tiles = static_cast<const uint8_t*>(w.tiles.data());
+  g.layout = w.layout;
   g.M = w.M;
   g.K = w.K;
   g.q = static_cast<const int8_t*>(a.q.data());
@@ -101,6 +119,17 @@ NB_MODULE(_native, m) {
   m.attr("TILE_ROWS") = kTileRows;
   m.attr("TILE_COLS") = kChunkCols;
   m.attr("TILE_CHUNK_BYTES") = kChunkBytes;
+  m.attr("TILES5_BLOCK") = kBlock5Cols;
+  m.attr("TILES5_CHUNKS") = kBlock5Chunks;
+  m.attr("TILES5_LOOKUP") = [] {
+    auto a = new_array<uint8_t>({6, 64});
+    std::memcpy(a.data(), kTiles5Lookup.t, sizeof kTiles5Lookup.t);
+    return a;
+  }();
+
+  m.def("best_layout", [](const std::string& isa) {
+    return kernels_named(isa).best_layout == Layout::tiles5 ? "tiles5" : "tiles";
+  }, nb::arg("isa"), "The weight layout this kernel set streams fastest on this CPU.");
 
   m.def("isas", [] {
     std::vector<std::string> names;
@@ -108,10 +137,14 @@ NB_MODULE(_native, m) {
     return names;
   }, "Kernel sets this CPU can run, best first.");
 
-  nb::class_<Weights>(m, "Weights", "A tiled ternary matrix [M, K]: tiles [ceil(M/16), K/16, 64], row_scale [M].")
-      .def(nb::init<const Input&, int64_t, const Input&>(), nb::arg("tiles"), nb::arg("M"), nb::arg("row_scale"))
+  nb::class_<Weights>(m, "Weights",
+                      "A tiled ternary matrix [M, K]: tiles [ceil(M/16), K/16, 64] (layout 'tiles') or "
+                      "[ceil(M/16), K/256*13, 64] (layout 'tiles5'), row_scale [M].")
+      .def(nb::init<const Input&, int64_t, const Input&, const std::string&>(), nb::arg("tiles"), nb::arg("M"),
+           nb::arg("row_scale"), nb::arg("layout") = "tiles")
       .def_ro("M", &Weights::M)
-      .def_ro("K", &Weights::K);
+      .def_ro("K", &Weights::K)
+      .def_prop_ro("layout", &Weights::layout_name);
 
   nb::class_<Activations>(m, "Activations", "int8 activations of n tokens: q [n, K], scale [n], row_sum [n].")
       .def(nb::init<const Input&, const Input&, const Input&>(), nb::arg("q"), nb::arg("scale"), nb::arg("row_sum"))
@@ -166,9 +199,11 @@ NB_MODULE(_native, m) {
   }, nb::arg("weights"), nb::arg("acts"), nb::arg("isa"), nb::arg("n_threads") = 1,
   "The exact int32 sums S[n, m] behind gemm.");
 
-  m.def("pack_tiles", [](const Output& tiles, nb::list parts, int64_t K, int n_threads) {
+  m.def("pack_tiles", [](const Output& tiles, nb::list parts, int64_t K, const std::string& layout_name, int n_threads) {
     check_threads(n_threads);
     check_k(K);
+    const Layout target = layout_named(layout_name);
+    if (target == Layout::tiles5 && K % kBlock5Cols) fail("tiles5: K must be a multiple of 256, got " + std::to_string(K));
     std::vector<PackPart> ps;
     int64_t M = 0;
     for (size_t i = 0; i < nb::len(parts); ++i) {
@@ -176,12 +211,12 @@ NB_MODULE(_native, m) {
       const auto part = nb::cast<nb::tuple>(parts[i]);  // (layout, data, rows)
       const auto name = nb::cast<std::string>(part[0]);
       const auto rows = nb::cast<int64_t>(part[2]);
-      Layout layout;
-      if (!layout_named(name, &layout)) fail(what + ": unknown layout " + name + " (int8, I2_S, TQ2_0, TQ1_0)");
+      SourceLayout layout;
+      if (!source_layout_named(name, &layout)) fail(what + ": unknown layout " + name + " (int8, I2_S, TQ2_0, TQ1_0)");
       if (!layout_fits(layout, K)) fail(what + ": K=" + std::to_string(K) + " does not fit " + name + " blocks");
       if (rows < 1) fail(what + ": rows must be positive");
       const Input data = input(part[1], "data");
-      const void* p = layout == Layout::kInt8 ? check(data, "data", {nb::dtype<int8_t>()}, {rows, K})
+      const void* p = layout == SourceLayout::kInt8 ? check(data, "data", {nb::dtype<int8_t>()}, {rows, K})
                                               : check(data, "data", {kU8}, {kAny});
       if (int64_t(data.size()) < layout_bytes(layout, rows, K))
         fail(what + ": " + std::to_string(data.size()) + " bytes of " + name + ", " + std::to_string(rows) + " rows need " +
@@ -190,18 +225,19 @@ NB_MODULE(_native, m) {
       M += rows;
     }
     if (ps.empty()) fail("no parts to pack");
-    auto* out = static_cast<uint8_t*>(check(tiles, "tiles", {kU8}, {(M + kTileRows - 1) / kTileRows, K / kChunkCols, kChunkBytes}));
+    const int64_t chunks = target == Layout::tiles5 ? K / kBlock5Cols * kBlock5Chunks : K / kChunkCols;
+    auto* out = static_cast<uint8_t*>(check(tiles, "tiles", {kU8}, {(M + kTileRows - 1) / kTileRows, chunks, kChunkBytes}));
     auto scales = new_array<float>({size_t(M)});
     std::vector<PackResult> results;
     {
       nb::gil_scoped_release release;
-      results = pack_tiles(ps, K, out, scales.data(), n_threads);
+      results = pack_tiles(ps, K, target, out, scales.data(), n_threads);
     }
     nb::list flags;
     for (const PackResult& r : results) flags.append(nb::make_tuple(r.corrupt, r.mixed_scales, r.nonzero));
     return nb::make_tuple(scales, flags);
-  }, nb::arg("tiles"), nb::arg("parts"), nb::arg("K"), nb::arg("n_threads") = 1,
-  "Packs parts (layout, data, rows), stacked by rows, into tiles. Returns (row scales [M], read from the file "
+  }, nb::arg("tiles"), nb::arg("parts"), nb::arg("K"), nb::arg("layout") = "tiles", nb::arg("n_threads") = 1,
+  "Packs parts (layout, data, rows), stacked by rows, into tiles of `layout` (tiles or tiles5). Returns (row scales [M], read from the file "
   "layouts' bytes and unset for int8 parts; one (corrupt, mixed_scales, nonzero) per part).");
 
   m.def("empty_streaming", [](size_t nbytes) {

@@ -94,8 +94,84 @@ void tile_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
 constexpr BlockKernel kBlockKernels[kBlock + 1] = {nullptr, tile_one_token, tile_tokens<2>,
                                                    tile_tokens<3>, tile_tokens<4>};
 
+// tiles5. AVX2 has no 64-entry byte lookup, so each takes four 16-entry vpshufb and three
+// blends on index bits 4 and 5. The three lookups of the low 6 bits share one table, packed as
+// code 0 | code 1 << 2 | L[4] << 6, and likewise for the high 6 bits (code 2, code 3, L[5]).
+struct Lookup5 {
+  __m256i lo[4], hi[4];  // 64-entry tables as 4 x 16 entries, in both 128-bit lanes
+
+  Lookup5() {
+    const auto& L = kTiles5Lookup.t;
+    alignas(32) uint8_t lo_bytes[64], hi_bytes[64];
+    for (int i = 0; i < 64; ++i) {
+      lo_bytes[i] = uint8_t(L[0][i] | L[1][i] << 2 | L[4][i] << 6);
+      hi_bytes[i] = uint8_t(L[2][i] | L[3][i] << 2 | L[5][i] << 6);
+    }
+    for (int k = 0; k < 4; ++k) {
+      lo[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo_bytes + 16 * k)));
+      hi[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi_bytes + 16 * k)));
+    }
+  }
+};
+
+// t[idx] for indices 0..63 (bit 7 must be clear: vpshufb zeroes those bytes).
+inline __m256i lookup64(const __m256i t[4], __m256i idx) {
+  const __m256i bit4 = _mm256_slli_epi16(idx, 3), bit5 = _mm256_slli_epi16(idx, 2);  // to bit 7 of each byte
+  const __m256i r01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[0], idx), _mm256_shuffle_epi8(t[1], idx), bit4);
+  const __m256i r23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(t[2], idx), _mm256_shuffle_epi8(t[3], idx), bit4);
+  return _mm256_blendv_epi8(r01, r23, bit5);
+}
+
+// The five code planes of 32 bytes (8 rows of a chunk).
+inline void decode5(const Lookup5& L, __m256i x, __m256i p[5]) {
+  const __m256i m63 = _mm256_set1_epi8(63), m3 = _mm256_set1_epi8(3), top = _mm256_set1_epi8(char(0xC0));
+  const __m256i lo = lookup64(L.lo, _mm256_and_si256(x, m63));
+  const __m256i hi = lookup64(L.hi, _mm256_and_si256(_mm256_srli_epi16(x, 2), m63));
+  p[0] = _mm256_and_si256(lo, m3);
+  p[1] = _mm256_and_si256(_mm256_srli_epi16(lo, 2), m3);
+  p[2] = _mm256_and_si256(hi, m3);
+  p[3] = _mm256_and_si256(_mm256_srli_epi16(hi, 2), m3);
+  // L[4] + L[5] <= 2 in bits 6-7: the byte sum carries out of neither
+  p[4] = _mm256_srli_epi16(_mm256_add_epi8(_mm256_and_si256(lo, top), _mm256_and_si256(hi, top)), 6);
+}
+
+// Each half chunk is decoded once and reused for T tokens; per chunk the planes' vpmaddubsw pairs
+// (|pair| <= 512) are added in int16 (|sum| <= 2560) and widened to int32.
+template <int T>
+void tile5_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
+  static const Lookup5 lookup;
+  const Lookup5 L = lookup;
+  const int64_t blocks = g.K / kBlock5Cols;
+  const uint8_t* w = g.tiles + tile * blocks * kBlock5Bytes;
+  const int8_t* q = g.q + t0 * g.K;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[2][T];
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < T; ++t) acc[h][t] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < blocks; ++b, q += kBlock5Cols) {
+    for (int i = 0; i < kBlock5Chunks; ++i, w += kChunkBytes) {
+      prefetch_ahead(w, last);
+      const int planes = i < kBlock5Chunks - 1 ? 5 : 4;  // bytes 48..51 hold 4 codes
+      for (int h = 0; h < 2; ++h) {
+        __m256i p[5];
+        decode5(L, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h)), p);
+        for (int t = 0; t < T; ++t) {
+          __m256i pairs = _mm256_setzero_si256();
+          for (int n = 0; n < planes; ++n)
+            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(p[n], broadcast4(q + t * g.K + tq1_column(4 * i, n))));
+          acc[h][t] = _mm256_add_epi32(acc[h][t], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) store_tile(g, tile, t0 + t, acc[0][t], acc[1][t]);
+}
+
+constexpr BlockKernel kBlockKernels5[kBlock + 1] = {nullptr, tile5_tokens<1>, tile5_tokens<2>,
+                                                    tile5_tokens<3>, tile5_tokens<4>};
+
 void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
-  gemm_blocks(g, tile_begin, tile_end, kBlockKernels, kBlock);
+  gemm_blocks(g, tile_begin, tile_end, g.layout == Layout::tiles5 ? kBlockKernels5 : kBlockKernels, kBlock);
 }
 
 bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
@@ -157,5 +233,9 @@ uint64_t read_bytes(const uint8_t* p, int64_t n) {
 }  // namespace
 
 KernelSet avx2_kernels() { return {"avx2", quantize_row, gemm_tiles, read_bytes}; }
+
+void avx2_gemm_tiles5(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
+  gemm_blocks(g, tile_begin, tile_end, kBlockKernels5, kBlock);
+}
 
 }  // namespace tritlm

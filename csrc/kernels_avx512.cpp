@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -153,8 +154,173 @@ constexpr BlockKernel kBlockKernels[kMaxBlock + 1] = {
     tile_many_tokens<12>,    tile_many_tokens<13>, tile_many_tokens<14>, tile_many_tokens<15>,
     tile_many_tokens<16>};
 
+// tiles5 decodes with vpermb (AVX512-VBMI: Ice Lake, Zen 4 and later, not Cascade Lake); only
+// these functions are compiled for it, and gemm_tiles checks the CPU before calling them.
+#define TRITLM_VBMI __attribute__((target("avx512vbmi")))
+
+struct Lookup5 {
+  __m512i t[6];
+};
+
+TRITLM_VBMI inline Lookup5 load_lookup5() {
+  Lookup5 L;
+  for (int i = 0; i < 6; ++i) L.t[i] = _mm512_loadu_si512(kTiles5Lookup.t[i]);
+  return L;
+}
+
+// The five code planes of one chunk: 6 vpermb, a shift and an add for 320 weights. vpermb reads
+// the low 6 bits of each index byte, so x >> 2 needs no mask: bits 6-7 are the next byte's.
+TRITLM_VBMI inline void decode5(const Lookup5& L, __m512i x, __m512i p[5]) {
+  const __m512i hi = _mm512_srli_epi16(x, 2);
+  p[0] = _mm512_permutexvar_epi8(x, L.t[0]);
+  p[1] = _mm512_permutexvar_epi8(x, L.t[1]);
+  p[2] = _mm512_permutexvar_epi8(hi, L.t[2]);
+  p[3] = _mm512_permutexvar_epi8(hi, L.t[3]);
+  p[4] = _mm512_add_epi8(_mm512_permutexvar_epi8(x, L.t[4]), _mm512_permutexvar_epi8(hi, L.t[5]));
+}
+
+// One token (decode), the hot case: the 13 chunks of a block unrolled, every activation offset
+// a constant, each code plane into its own accumulator (5 vpdpbusd chains in flight).
+TRITLM_VBMI void tile5_one_token(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
+  const int64_t blocks = g.K / kBlock5Cols;
+  const uint8_t* w = g.tiles + tile * blocks * kBlock5Bytes;
+  const int8_t* q = g.q + t0 * g.K;
+  const Lookup5 L = load_lookup5();
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
+  for (int64_t b = 0; b < blocks; ++b, q += kBlock5Cols) {
+#pragma GCC unroll 13
+    for (int i = 0; i < kBlock5Chunks; ++i, w += kChunkBytes) {
+      prefetch_ahead(w, last);
+      __m512i p[5];
+      decode5(L, _mm512_loadu_si512(w), p);
+      dpbusd_broadcast(a0, p[0], q + tq1_column(4 * i, 0));
+      dpbusd_broadcast(a1, p[1], q + tq1_column(4 * i, 1));
+      dpbusd_broadcast(a2, p[2], q + tq1_column(4 * i, 2));
+      dpbusd_broadcast(a3, p[3], q + tq1_column(4 * i, 3));
+      if (i < kBlock5Chunks - 1) dpbusd_broadcast(a4, p[4], q + tq1_column(4 * i, 4));  // bytes 48..51 hold 4
+    }
+  }
+  a0 = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+  store_tile(g, tile, t0, _mm512_add_epi32(a0, a4));
+}
+
+inline __m512i dpbusd_bcast(__m512i acc, __m512i codes, const int8_t* q) {
+  dpbusd_broadcast(acc, codes, q);
+  return acc;
+}
+
+// Several tokens: each chunk is decoded once for all T tokens, and plane n goes to accumulator
+// n % S of each token, S = enough vpdpbusd chains in flight for small T (the codes are plain
+// 0..2, so the accumulators simply add up at the end).
+// - kReordered false (up to 4 tokens): plane n of chunk i pairs with columns base + n * step
+//   (tq1_column) of each token, one pointer per token.
+// - kReordered true: activations reordered by reorder5, so that token t of the group reads plane
+//   j of block b at byte 256 * (b * T + t) + 4 * j: every address one running pointer plus a
+//   constant, whatever T (with a pointer per token, GCC runs out of registers beyond 4).
+template <int T, int S, bool kReordered>
+TRITLM_VBMI void tile5_tokens(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last) {
+  const int64_t blocks = g.K / kBlock5Cols;
+  const uint8_t* w = g.tiles + tile * blocks * kBlock5Bytes;
+  const int8_t* q = g.q + t0 * g.K;
+  const Lookup5 L = load_lookup5();
+  __m512i acc[S][T];
+  for (int a = 0; a < S; ++a)
+    for (int t = 0; t < T; ++t) acc[a][t] = _mm512_setzero_si512();
+  // (every acc index is a constant once unrolled, and acc is never passed on by reference:
+  // then GCC keeps it in registers)
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int i = 0; i < kBlock5Chunks; ++i, w += kChunkBytes) {
+      if (t0 == 0) prefetch_ahead(w, last);  // later passes over the tile find it in cache
+      __m512i p[5];
+      decode5(L, _mm512_loadu_si512(w), p);
+      const bool five = i < kBlock5Chunks - 1;  // bytes 48..51 hold 4 codes
+      const int64_t step = kReordered ? 4 : tq1_column(4 * i, 1) - tq1_column(4 * i, 0), step3 = 3 * step;
+      const int8_t* qt = kReordered ? q : q + tq1_column(4 * i, 0);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t, qt += kReordered ? kBlock5Cols : g.K) {
+        acc[0][t] = dpbusd_bcast(acc[0][t], p[0], qt);
+        acc[1 % S][t] = dpbusd_bcast(acc[1 % S][t], p[1], qt + step);
+        acc[2 % S][t] = dpbusd_bcast(acc[2 % S][t], p[2], qt + 2 * step);
+        acc[3 % S][t] = dpbusd_bcast(acc[3 % S][t], p[3], qt + step3);
+        if (five) acc[4 % S][t] = dpbusd_bcast(acc[4 % S][t], p[4], qt + 4 * step);
+      }
+      if (kReordered) q += five ? 20 : 16;
+    }
+    q += kReordered ? kBlock5Cols * (T - 1) : kBlock5Cols;
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) {
+    __m512i sums = acc[0][t];
+#pragma GCC unroll 5
+    for (int a = 1; a < S; ++a) sums = _mm512_add_epi32(sums, acc[a][t]);
+    store_tile(g, tile, t0 + t, sums);
+  }
+}
+
+constexpr int kFewTokens5 = 4;
+constexpr BlockKernel kBlockKernels5[kFewTokens5 + 1] = {nullptr, tile5_one_token, tile5_tokens<2, 3, false>,
+                                                         tile5_tokens<3, 3, false>, tile5_tokens<4, 2, false>};
+constexpr BlockKernel kBlockKernels5Reordered[kMaxBlock + 1] = {
+    nullptr,
+    tile5_tokens<1, 5, true>,  tile5_tokens<2, 3, true>,  tile5_tokens<3, 3, true>,  tile5_tokens<4, 2, true>,
+    tile5_tokens<5, 2, true>,  tile5_tokens<6, 2, true>,  tile5_tokens<7, 2, true>,  tile5_tokens<8, 2, true>,
+    tile5_tokens<9, 1, true>,  tile5_tokens<10, 1, true>, tile5_tokens<11, 1, true>, tile5_tokens<12, 1, true>,
+    tile5_tokens<13, 1, true>, tile5_tokens<14, 1, true>, tile5_tokens<15, 1, true>, tile5_tokens<16, 1, true>};
+
+// For tile5_tokens<T, S, true>: per group of up to 16 tokens (from t0 * K on), per block, per
+// token, the block's 64 groups of 4 activations in the order of the code planes (chunk by chunk).
+// Each block of a token is one permutation of 64 dwords: 4 loads, 8 vpermt2d, 4 blends, 4 stores.
+void reorder5(const Gemm& g, std::vector<int8_t>& out) {
+  struct Permutation {
+    __m512i index[4];
+    __mmask16 high[4];  // dwords from the block's second half
+  };
+  static const Permutation perm = [] {
+    Permutation p{};
+    int32_t source[64];
+    for (int i = 0, j = 0; i < kBlock5Chunks; ++i)
+      for (int n = 0; n < (i < kBlock5Chunks - 1 ? 5 : 4); ++n) source[j++] = tq1_column(4 * i, n) / 4;
+    for (int k = 0; k < 4; ++k) {
+      p.index[k] = _mm512_loadu_si512(source + 16 * k);  // vpermt2d reads bits 0-4
+      for (int l = 0; l < 16; ++l) p.high[k] |= __mmask16((source[16 * k + l] >= 32) << l);
+    }
+    return p;
+  }();
+  out.resize(size_t(g.n_tokens * g.K));
+  for (int64_t t0 = 0; t0 < g.n_tokens; t0 += kMaxBlock) {
+    const int64_t group = g.n_tokens - t0 < kMaxBlock ? g.n_tokens - t0 : kMaxBlock;
+    for (int64_t t = 0; t < group; ++t)
+      for (int64_t b = 0; b < g.K / kBlock5Cols; ++b) {
+        const int8_t* from = g.q + (t0 + t) * g.K + b * kBlock5Cols;
+        int8_t* to = out.data() + t0 * g.K + (b * group + t) * kBlock5Cols;
+        __m512i v[4];
+        for (int k = 0; k < 4; ++k) v[k] = _mm512_loadu_si512(from + 64 * k);
+        for (int k = 0; k < 4; ++k) {
+          const __m512i low = _mm512_permutex2var_epi32(v[0], perm.index[k], v[1]);
+          const __m512i high = _mm512_permutex2var_epi32(v[2], perm.index[k], v[3]);
+          _mm512_storeu_si512(to + 64 * k, _mm512_mask_blend_epi32(perm.high[k], low, high));
+        }
+      }
+  }
+}
+
+bool has_vbmi() {
+  static const bool vbmi = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi");
+  }();
+  return vbmi;
+}
+
 void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
-  gemm_blocks(g, tile_begin, tile_end, kBlockKernels, kMaxBlock);
+  if (g.layout != Layout::tiles5) return gemm_blocks(g, tile_begin, tile_end, kBlockKernels, kMaxBlock);
+  if (!has_vbmi()) return avx2_gemm_tiles5(g, tile_begin, tile_end);
+  if (g.n_tokens <= kFewTokens5) return gemm_blocks(g, tile_begin, tile_end, kBlockKernels5, kFewTokens5);
+  thread_local std::vector<int8_t> reordered;  // every thread reorders all tokens (K bytes each)
+  reorder5(g, reordered);
+  Gemm h = g;
+  h.q = reordered.data();
+  gemm_blocks(h, tile_begin, tile_end, kBlockKernels5Reordered, kMaxBlock);
 }
 
 bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
@@ -203,6 +369,8 @@ uint64_t read_bytes(const uint8_t* p, int64_t n) {
 
 }  // namespace
 
-KernelSet avx512_kernels() { return {"avx512", quantize_row, gemm_tiles, read_bytes}; }
+KernelSet avx512_kernels() {
+  return {"avx512", quantize_row, gemm_tiles, read_bytes, has_vbmi() ? Layout::tiles5 : Layout::tiles};
+}
 
 }  // namespace tritlm

@@ -25,7 +25,41 @@ bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* s
   return true;
 }
 
+// tiles5: every byte decoded by its lookups, its 4 or 5 codes each paired with its column.
+void gemm_tiles5(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
+  const auto& L = kTiles5Lookup.t;
+  const int64_t blocks = g.K / kBlock5Cols;
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const uint8_t* w = g.tiles + tile * blocks * kBlock5Bytes;
+    const int64_t rows = std::min<int64_t>(kTileRows, g.M - tile * kTileRows);
+    for (int64_t t = 0; t < g.n_tokens; ++t) {
+      int32_t acc[kTileRows] = {};
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int8_t* q = g.q + t * g.K + b * kBlock5Cols;
+        for (int i = 0; i < kBlock5Chunks; ++i) {
+          const uint8_t* chunk = w + b * kBlock5Bytes + i * kChunkBytes;
+          for (int r = 0; r < kTileRows; ++r)
+            for (int j = 0; j < 4; ++j) {
+              const int m = 4 * i + j, x = chunk[4 * r + j], lo = x & 63, hi = x >> 2;
+              const int codes[5] = {L[0][lo], L[1][lo], L[2][hi], L[3][hi], L[4][lo] + L[5][hi]};
+              for (int n = 0; n < (m < 48 ? 5 : 4); ++n) acc[r] += codes[n] * q[tq1_column(m, n)];
+            }
+        }
+      }
+      const int64_t m0 = tile * kTileRows;
+      for (int r = 0; r < rows; ++r) {
+        if (g.sums) {
+          g.sums[t * g.M + m0 + r] = acc[r];
+        } else {
+          g.out[t * g.M + m0 + r] = rescale(acc[r], g.act_sum[t], g.act_scale[t], g.row_scale[m0 + r]);
+        }
+      }
+    }
+  }
+}
+
 void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
+  if (g.layout == Layout::tiles5) return gemm_tiles5(g, tile_begin, tile_end);
   const int64_t chunks = g.K / kChunkCols;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;

@@ -48,6 +48,7 @@ const T* data_of(nb::handle obj, const std::string& name, size_t n) {
 // A ternary matrix as the kernels take it (a Weights handle's pointers).
 struct Matrix {
   nb::object owner;
+  Layout layout;
   const uint8_t* tiles;
   const float* row_scale;
   int64_t M, K;
@@ -120,9 +121,13 @@ class Model {
     nb::object w = nb::borrow(ternary_matrix);
     const nb::tuple shape = nb::cast<nb::tuple>(w.attr("shape"));
     const int64_t M = nb::cast<int64_t>(shape[0]), K = nb::cast<int64_t>(shape[1]);
-    const size_t tile_bytes = size_t((M + kTileRows - 1) / kTileRows * (K / kChunkCols) * kChunkBytes);
-    return {w, data_of<uint8_t>(w.attr("tiles"), "tiles", tile_bytes), data_of<float>(w.attr("scale"), "scale", size_t(M)),
-            M, K};
+    const auto name = nb::cast<std::string>(w.attr("layout"));
+    if (name != "tiles" && name != "tiles5") fail("unknown weight layout " + name);
+    Gemm g{};
+    g.layout = name == "tiles5" ? Layout::tiles5 : Layout::tiles, g.K = K;
+    const size_t bytes = size_t((M + kTileRows - 1) / kTileRows * bytes_per_tile(g));
+    return {w, g.layout, data_of<uint8_t>(w.attr("tiles"), "tiles", bytes),
+            data_of<float>(w.attr("scale"), "scale", size_t(M)), M, K};
   }
 
   const uint8_t* bytes(nb::handle obj, const std::string& name, int64_t elements, ops::WeightType type) {
@@ -165,7 +170,7 @@ class Model {
     for (int64_t t = 0; t < T; ++t)
       ks.quantize_row(x + t * w.K, w.K, q_.data() + t * w.K, &act_scale_[t], &act_sum_[t]);
     Gemm g{};
-    g.tiles = w.tiles, g.M = w.M, g.K = w.K, g.q = q_.data(), g.n_tokens = T;
+    g.tiles = w.tiles, g.layout = w.layout, g.M = w.M, g.K = w.K, g.q = q_.data(), g.n_tokens = T;
     g.act_scale = act_scale_.data(), g.act_sum = act_sum_.data(), g.row_scale = w.row_scale, g.out = y;
     parallel_for(n_threads, (w.M + kTileRows - 1) / kTileRows,
                  [&](int64_t b, int64_t e) { ks.gemm_tiles(g, b, e); });

@@ -56,12 +56,12 @@ void decode_tq1_0(const uint8_t* data, int64_t m, int64_t K, uint8_t* codes) {
 
 using Decoder = void (*)(const uint8_t*, int64_t, int64_t, uint8_t*);
 
-Decoder decoder(Layout layout) {
+Decoder decoder(SourceLayout layout) {
   switch (layout) {
-    case Layout::kInt8: return decode_int8;
-    case Layout::kI2_S: return decode_i2s;
-    case Layout::kTQ2_0: return decode_tq2_0;
-    case Layout::kTQ1_0: return decode_tq1_0;
+    case SourceLayout::kInt8: return decode_int8;
+    case SourceLayout::kI2_S: return decode_i2s;
+    case SourceLayout::kTQ2_0: return decode_tq2_0;
+    case SourceLayout::kTQ1_0: return decode_tq1_0;
   }
   return nullptr;
 }
@@ -82,16 +82,60 @@ bool tq_row_scale(const uint8_t* row, int64_t blocks, int64_t block_bytes, float
   return same;
 }
 
+// One 16-row tile of codes [16][K] in the 2-bit layout: byte 4r + j of chunk s holds, at bit 2q,
+// the code of row r, column 16s + 4q + j (four 4-byte words of a row's codes, shifted into
+// place; a code < 4 never carries into the next byte).
+void write_tiles(const uint8_t* codes, int64_t K, uint8_t* out) {
+  for (int64_t s = 0; s < K / kChunkCols; ++s)
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      uint32_t w[4];
+      std::memcpy(w, codes + r * K + s * kChunkCols, sizeof w);
+      const uint32_t packed = w[0] | w[1] << 2 | w[2] << 4 | w[3] << 6;
+      std::memcpy(out + s * kChunkBytes + 4 * r, &packed, 4);
+    }
+}
+
+// tiles5's byte for each tuple of five codes (index 81 c0 + 27 c1 + 9 c2 + 3 c3 + c4): the
+// smallest byte the kernels' lookups decode to it (layouts.py's reference packs the same).
+struct Tiles5Encoder {
+  uint8_t byte[243];
+  Tiles5Encoder() {
+    const auto& L = kTiles5Lookup.t;
+    for (int x = 255; x >= 0; --x) {
+      const int lo = x & 63, hi = x >> 2;
+      const int c[5] = {L[0][lo], L[1][lo], L[2][hi], L[3][hi], L[4][lo] + L[5][hi]};
+      if (c[0] <= 2 && c[1] <= 2 && c[2] <= 2 && c[3] <= 2 && c[4] <= 2)
+        byte[81 * c[0] + 27 * c[1] + 9 * c[2] + 3 * c[3] + c[4]] = uint8_t(x);
+    }
+  }
+};
+
+// The same tile in tiles5: byte 4r + j of chunk i of a 256-column block holds the five weights
+// of row r's byte m = 4i + j in TQ1_0's order (kernels.h tq1_column); bytes 48..51 hold four,
+// the fifth stored as code 0.
+void write_tiles5(const uint8_t* codes, int64_t K, uint8_t* out) {
+  static const Tiles5Encoder encoder;
+  for (int64_t b = 0; b < K / kBlock5Cols; ++b, out += kBlock5Bytes)
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const uint8_t* c = codes + r * K + b * kBlock5Cols;
+      for (int m = 0; m < 52; ++m) {
+        int index = 0;
+        for (int n = 0; n < 5; ++n) index = 3 * index + (m < 48 || n < 4 ? c[tq1_column(m, n)] : 0);
+        out[(m / 4) * kChunkBytes + 4 * r + m % 4] = encoder.byte[index];
+      }
+    }
+}
+
 enum Flag { kCorrupt = 1, kMixedScales = 2, kNonzero = 4 };
 
 // Decodes row m of part p, its scale into *scale (file layouts), and returns its flags.
 int decode_row(const PackPart& p, int64_t m, int64_t K, uint8_t* codes, float* scale) {
   decoder(p.layout)(p.data, m, K, codes);
   int flags = 0;
-  if (p.layout == Layout::kI2_S) {
+  if (p.layout == SourceLayout::kI2_S) {
     std::memcpy(scale, p.data + p.rows * K / 4, 4);  // one scale per tensor, after the codes
-  } else if (p.layout != Layout::kInt8) {
-    const int64_t block_bytes = p.layout == Layout::kTQ2_0 ? kTq2Bytes : kTq1Bytes;
+  } else if (p.layout != SourceLayout::kInt8) {
+    const int64_t block_bytes = p.layout == SourceLayout::kTQ2_0 ? kTq2Bytes : kTq1Bytes;
     const int64_t blocks = K / kTqBlock;
     if (!tq_row_scale(p.data + m * blocks * block_bytes, blocks, block_bytes, scale)) flags |= kMixedScales;
   }
@@ -105,35 +149,36 @@ int decode_row(const PackPart& p, int64_t m, int64_t K, uint8_t* codes, float* s
 
 }  // namespace
 
-bool layout_named(const std::string& name, Layout* layout) {
-  if (name == "int8") *layout = Layout::kInt8;
-  else if (name == "I2_S") *layout = Layout::kI2_S;
-  else if (name == "TQ2_0") *layout = Layout::kTQ2_0;
-  else if (name == "TQ1_0") *layout = Layout::kTQ1_0;
+bool source_layout_named(const std::string& name, SourceLayout* layout) {
+  if (name == "int8") *layout = SourceLayout::kInt8;
+  else if (name == "I2_S") *layout = SourceLayout::kI2_S;
+  else if (name == "TQ2_0") *layout = SourceLayout::kTQ2_0;
+  else if (name == "TQ1_0") *layout = SourceLayout::kTQ1_0;
   else return false;
   return true;
 }
 
-int64_t layout_bytes(Layout layout, int64_t rows, int64_t K) {
+int64_t layout_bytes(SourceLayout layout, int64_t rows, int64_t K) {
   switch (layout) {
-    case Layout::kInt8: return rows * K;
-    case Layout::kI2_S: return rows * K / 4 + 32;  // the 32-byte tail holds the f32 scale
-    case Layout::kTQ2_0: return rows * K / kTqBlock * kTq2Bytes;
-    case Layout::kTQ1_0: return rows * K / kTqBlock * kTq1Bytes;
+    case SourceLayout::kInt8: return rows * K;
+    case SourceLayout::kI2_S: return rows * K / 4 + 32;  // the 32-byte tail holds the f32 scale
+    case SourceLayout::kTQ2_0: return rows * K / kTqBlock * kTq2Bytes;
+    case SourceLayout::kTQ1_0: return rows * K / kTqBlock * kTq1Bytes;
   }
   return 0;
 }
 
-bool layout_fits(Layout layout, int64_t K) {
-  const int64_t block = layout == Layout::kI2_S ? kI2sBlock : layout == Layout::kInt8 ? kChunkCols : kTqBlock;
+bool layout_fits(SourceLayout layout, int64_t K) {
+  const int64_t block = layout == SourceLayout::kI2_S ? kI2sBlock : layout == SourceLayout::kInt8 ? kChunkCols : kTqBlock;
   return K > 0 && K % block == 0;
 }
 
-std::vector<PackResult> pack_tiles(const std::vector<PackPart>& parts, int64_t K, uint8_t* tiles, float* scales,
-                                   int n_threads) {
+std::vector<PackResult> pack_tiles(const std::vector<PackPart>& parts, int64_t K, Layout layout, uint8_t* tiles,
+                                   float* scales, int n_threads) {
   std::vector<int64_t> starts{0};
   for (const PackPart& p : parts) starts.push_back(starts.back() + p.rows);
-  const int64_t M = starts.back(), n_tiles = (M + kTileRows - 1) / kTileRows, chunks = K / kChunkCols;
+  const int64_t M = starts.back(), n_tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t tile_bytes = layout == Layout::tiles5 ? K / kBlock5Cols * kBlock5Bytes : K / kChunkCols * kChunkBytes;
   std::vector<int> flags(parts.size(), 0);
   parallel_for(n_threads, n_tiles, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> codes(size_t(kTileRows * K));
@@ -149,16 +194,8 @@ std::vector<PackResult> pack_tiles(const std::vector<PackPart>& parts, int64_t K
         while (row >= starts[p + 1]) ++p;
         __atomic_fetch_or(&flags[p], decode_row(parts[p], row - starts[p], K, c, scales + row), __ATOMIC_RELAXED);
       }
-      // byte 4r + j of chunk s holds, at bit 2q, the code of row r, column 16s + 4q + j: four
-      // 4-byte words of a row's codes, shifted into place (a code < 4 never carries into the next byte)
-      uint8_t* out = tiles + t * chunks * kChunkBytes;
-      for (int64_t s = 0; s < chunks; ++s)
-        for (int64_t r = 0; r < kTileRows; ++r) {
-          uint32_t w[4];
-          std::memcpy(w, codes.data() + r * K + s * kChunkCols, sizeof w);
-          const uint32_t packed = w[0] | w[1] << 2 | w[2] << 4 | w[3] << 6;
-          std::memcpy(out + s * kChunkBytes + 4 * r, &packed, 4);
-        }
+      if (layout == Layout::tiles5) write_tiles5(codes.data(), K, tiles + t * tile_bytes);
+      else write_tiles(codes.data(), K, tiles + t * tile_bytes);
     }
   });
   std::vector<PackResult> results(parts.size());

@@ -6,17 +6,19 @@
 #include <string>
 #include <vector>
 
+#include "kernels.h"
+
 namespace tritlm {
 
 // How a part's bytes hold its codes (ternary + 1): kInt8 is a plain int8 [rows, K] ternary
 // array; the others are the file layouts of tritlm/quant/layouts.py.
-enum class Layout { kInt8, kI2_S, kTQ2_0, kTQ1_0 };
-bool layout_named(const std::string& name, Layout* layout);
-int64_t layout_bytes(Layout layout, int64_t rows, int64_t K);  // the bytes a part needs
-bool layout_fits(Layout layout, int64_t K);                   // K suits the layout's blocks
+enum class SourceLayout { kInt8, kI2_S, kTQ2_0, kTQ1_0 };
+bool source_layout_named(const std::string& name, SourceLayout* layout);
+int64_t layout_bytes(SourceLayout layout, int64_t rows, int64_t K);  // the bytes a part needs
+bool layout_fits(SourceLayout layout, int64_t K);                   // K suits the layout's blocks
 
 struct PackPart {
-  Layout layout;
+  SourceLayout layout;
   const uint8_t* data;
   int64_t rows;
 };
@@ -27,10 +29,10 @@ struct PackResult {
   bool nonzero = false;       // a weight that is not zero
 };
 
-// Packs the parts, stacked by rows, into tiles [ceil(M / 16)][K / 16][64] (M = the parts' rows;
+// Packs the parts, stacked by rows, into tiles of `layout` (kernels.h; M = the parts' rows, and
 // rows past M get weight 0), and writes each file part's row scales into scales [M] (int8 parts'
 // rows are left alone: their scales are not in their bytes). One result per part.
-std::vector<PackResult> pack_tiles(const std::vector<PackPart>& parts, int64_t K, uint8_t* tiles, float* scales,
-                                   int n_threads);
+std::vector<PackResult> pack_tiles(const std::vector<PackPart>& parts, int64_t K, Layout layout, uint8_t* tiles,
+                                   float* scales, int n_threads);
 
 }  // namespace tritlm

@@ -11,13 +11,17 @@ def test_bench_kernels_json(capsys):
     assert main(["bench", "kernels", "--json", "--shapes", "48x256", "--tokens", "3", "-t", "1", "2",
                  "-r", "1", "--stream-mib", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
-    rows = {(r["kernel"], r["threads"]): r for r in report["rows"]}
-    assert set(rows) == {(k, t) for k in ("read", "read mmap", "gemv", "gemm") for t in (1, 2)}
-    assert rows[("gemm", 2)]["shape"] == "48x256x3"
-    for (kernel, threads), row in rows.items():
+    rows = {(r["kernel"], r["layout"], r["threads"]): r for r in report["rows"]}
+    assert set(rows) == {(k, "", t) for k in ("read", "read mmap") for t in (1, 2)} | {
+        (k, layout, t) for k in ("gemv", "gemm") for layout in ("tiles", "tiles5") for t in (1, 2)}
+    assert rows[("gemm", "tiles5", 2)]["shape"] == "48x256x3"
+    for (kernel, layout, threads), row in rows.items():
         assert row["seconds"] > 0
         if kernel == "gemv":  # the share is the ratio of the two measured bandwidths
-            assert row["of_read"] == pytest.approx(row["gbps"] / rows[("read", threads)]["gbps"])
+            assert row["of_read"] == pytest.approx(row["gbps"] / rows[("read", "", threads)]["gbps"])
+            assert row["gweights"] == pytest.approx(48 * 256 / row["seconds"] / 1e9)
+        if layout == "tiles5":  # the time ratio is to the 2-bit row of the same test
+            assert row["vs_tiles"] == pytest.approx(row["seconds"] / rows[(kernel, "tiles", threads)]["seconds"])
 
 
 def test_bench_kernels_markdown(capsys):
@@ -25,7 +29,8 @@ def test_bench_kernels_markdown(capsys):
                  "--stream-mib", "1", "--isa", "portable"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("kernel set: portable")
-    assert "| gemv | 16x128 | 1 |" in out and "| gemm | 16x128x1 | 1 |" in out
+    assert "| gemv | tiles | 16x128 | 1 |" in out and "| gemm | tiles | 16x128x1 | 1 |" in out
+    assert "tiles5" not in out  # K = 128 has no 1.6-bit form
 
 
 @pytest.mark.parametrize("args,message", [

@@ -37,6 +37,19 @@ def test_logits_match_transformers(model, source):
     assert relative_error(full_forward(engine, TOKENS), reference.forward(config, tensors, np.array(TOKENS))) < 1e-3
 
 
+@pytest.mark.parametrize("ternary_type", ["I2_S", "TQ1_0"])
+def test_weight_layouts_give_the_same_logits(tmp_path, ternary_type):
+    """tiles (2 bits) and tiles5 (1.625 bits) hold the same weights, packed from any file layout:
+    the logits agree bit for bit."""
+    directory = write_bitnet(tmp_path / "hf", "autobitlinear", hidden_size=256, intermediate_size=512)
+    path = tmp_path / "model.gguf"
+    export.write_gguf_model(path, *loader.load_hf(directory), ternary_type=ternary_type)
+    config, tensors, _ = loader.load(path)
+    engines = {layout: Engine(config, tensors, weight_layout=layout) for layout in ("tiles", "tiles5")}
+    assert {m.layout for m in vars(engines["tiles5"].layers[0]).values() if hasattr(m, "layout")} == {"tiles5"}
+    np.testing.assert_array_equal(full_forward(engines["tiles"], TOKENS), full_forward(engines["tiles5"], TOKENS))
+
+
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])
 def test_token_by_token_equals_full_forward(model, kv_type):
     config, tensors, _ = loader.load(model[1])

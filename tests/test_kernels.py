@@ -145,10 +145,11 @@ def test_stack_packs_mixed_layouts_like_numpy(rng):
         parts.append(kernels.Part(layout, data, ternary.shape))
         expected_ternary, expected_scale = unpack(data, ternary.shape)
         ternaries.append(expected_ternary), scales.append(expected_scale)
-    for n_threads in (1, 2, 5):
-        matrix = kernels.TernaryMatrix.stack(parts, n_threads=n_threads)
-        np.testing.assert_array_equal(matrix.tiles, layouts.pack_tiles(np.concatenate(ternaries)))
-        np.testing.assert_array_equal(matrix.scale, np.concatenate(scales))
+    for layout, pack_tiles in (("tiles", layouts.pack_tiles), ("tiles5", layouts.pack_tiles5)):
+        for n_threads in (1, 2, 5):
+            matrix = kernels.TernaryMatrix.stack(parts, layout, n_threads=n_threads)
+            np.testing.assert_array_equal(matrix.tiles, pack_tiles(np.concatenate(ternaries)))
+            np.testing.assert_array_equal(matrix.scale, np.concatenate(scales))
 
 
 @pytest.mark.parametrize("layout, corrupt, message", [

@@ -1,8 +1,8 @@
 """The C++ kernels, behind a checked Python API.
 
-Weights live in `TernaryMatrix`: one copy, 2 bits per weight, packed once in C++ from an int8
-array or straight from a file layout's bytes into the tile layout the kernels stream (see
-`tritlm.quant.layouts`), in huge-page-backed memory. Activations are quantized per token by
+Weights live in `TernaryMatrix`: one copy, packed once in C++ from an int8 array or straight
+from a file layout's bytes into a layout the kernels stream (see `tritlm.quant.layouts`): `tiles`
+(2 bits per weight) or `tiles5` (1.625 bits, five weights per byte), in huge-page-backed memory. Activations are quantized per token by
 `quantize_activations`, once per input, and the result can feed several matrices (q, k and v
 read the same activations).
 
@@ -29,6 +29,12 @@ def default_isa() -> str:
     if isa not in ISAS:
         raise ValueError(f"TRITLM_ISA={isa!r} is not available on this CPU; available: {', '.join(ISAS)}")
     return isa
+
+
+def best_layout(isa: str | None = None, k: int = 256) -> str:
+    """The weight layout the kernels stream fastest here for rows of length k: `tiles5` where
+    they decode it at memory speed (AVX512-VBMI) and k is a multiple of 256, else `tiles`."""
+    return "tiles5" if k % 256 == 0 and _native.best_layout(isa or default_isa()) == "tiles5" else "tiles"
 
 
 def default_threads() -> int:
@@ -64,20 +70,30 @@ class Part(NamedTuple):
 class TernaryMatrix:
     """A ternary weight matrix [M, K] (weight = ternary * scale[row]) ready for the kernels."""
 
-    def __init__(self, ternary: np.ndarray, scale):
+    def __init__(self, ternary: np.ndarray, scale, layout: str = "tiles"):
         ternary = np.asarray(ternary)
         if ternary.dtype != np.int8 or ternary.ndim != 2:
             raise ValueError(f"ternary weights must be int8 [M, K], got {ternary.dtype} {ternary.shape}")
-        self._pack([Part("int8", np.ascontiguousarray(ternary), ternary.shape, scale)])
+        self._pack([Part("int8", np.ascontiguousarray(ternary), ternary.shape, scale)], layout)
 
     @classmethod
-    def stack(cls, parts: list[Part], *, out: np.ndarray | None = None,
+    def stack(cls, parts: list[Part], layout: str = "tiles", *, out: np.ndarray | None = None,
               n_threads: int | None = None) -> TernaryMatrix:
         """One matrix of the parts stacked by rows (q, k and v: one stream over the weights),
-        packed into `out` (uint8, `layouts.tiles_shape` bytes) or new huge-page memory."""
+        packed into `out` (uint8, `nbytes_of(shape, layout)` bytes) or new huge-page memory."""
         matrix = cls.__new__(cls)
-        matrix._pack(parts, out, n_threads)
+        matrix._pack(parts, layout, out, n_threads)
         return matrix
+
+    @staticmethod
+    def tiles_shape(shape: tuple[int, int], layout: str) -> tuple[int, int, int]:
+        if layout not in ("tiles", "tiles5"):
+            raise ValueError(f"layout must be 'tiles' or 'tiles5', got {layout!r}")
+        return (layouts.tiles5_shape if layout == "tiles5" else layouts.tiles_shape)(shape)
+
+    @classmethod
+    def nbytes_of(cls, shape: tuple[int, int], layout: str) -> int:
+        return int(np.prod(cls.tiles_shape(shape, layout)))
 
     @classmethod
     def from_layout(cls, layout: str, data: np.ndarray, shape) -> TernaryMatrix:
@@ -91,14 +107,15 @@ class TernaryMatrix:
         """From a Hugging Face packed uint8 [M/4, K] tensor and its multiplicative scale."""
         return cls(layouts.unpack_hf(packed), scale)
 
-    def _pack(self, parts: list[Part], out: np.ndarray | None = None, n_threads: int | None = None) -> None:
+    def _pack(self, parts: list[Part], layout: str, out: np.ndarray | None = None,
+              n_threads: int | None = None) -> None:
         if not parts or len({p.shape[1] for p in parts}) != 1:
             raise ValueError(f"stacked matrices need one row length K, got {[p.shape for p in parts]}")
-        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-        tiles_shape = layouts.tiles_shape(self.shape)
+        self.shape, self.layout = (sum(p.shape[0] for p in parts), parts[0].shape[1]), layout
+        tiles_shape = self.tiles_shape(self.shape, layout)
         self.tiles = (_native.empty_streaming(int(np.prod(tiles_shape))) if out is None else out).reshape(tiles_shape)
         scale, flags = _native.pack_tiles(self.tiles, [(p.layout, p.data, p.shape[0]) for p in parts],
-                                          self.shape[1], n_threads or default_threads())
+                                          self.shape[1], layout, n_threads or default_threads())
         begin = 0
         for p, (corrupt, mixed_scales, nonzero) in zip(parts, flags):
             if corrupt:
@@ -113,7 +130,7 @@ class TernaryMatrix:
             begin += p.shape[0]
         layouts.row_scales(scale, self.shape[0])  # finite and non-negative, or ValueError
         self.scale = scale
-        self._weights = _native.Weights(self.tiles, self.shape[0], self.scale)
+        self._weights = _native.Weights(self.tiles, self.shape[0], self.scale, layout)
 
     @property
     def nbytes(self) -> int:

@@ -1,9 +1,11 @@
 """Kernel benchmark: weight streaming (GEMV) against the machine's read bandwidth, and GEMM
-throughput, at the BitNet-b1.58-2B-4T matrix shapes.
+throughput, at the BitNet-b1.58-2B-4T matrix shapes, for each weight layout: `tiles` (2 bits per
+weight) and `tiles5` (1.625 bits per weight, K a multiple of 256).
 
 Bandwidth-bound numbers only mean something when the data comes from DRAM, so every GEMV pass
 walks a set of distinct copies of the matrix at least `stream_bytes` large (this machine class
-has up to 260 MB of L3), the way a decode step walks every layer.
+has up to 260 MB of L3), the way a decode step walks every layer. The layouts are timed in
+alternation, pass by pass, so that a machine shared with other work slows both alike.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import numpy as np
 from .. import _native, kernels
 from ..quant import layouts
 
-# out x in of the 2B4T projections: q/o, k/v, gate/up, down
-SHAPES_2B4T = ((2560, 2560), (640, 2560), (6912, 2560), (2560, 6912))
+# out x in of the 2B4T matrices as the engine streams them: q, k and v stacked; o; gate and up
+# stacked; down
+SHAPES_2B4T = ((3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912))
+LAYOUTS = {"tiles": layouts.pack_tiles, "tiles5": layouts.pack_tiles5}
 
 
 @dataclass
@@ -26,15 +30,28 @@ class Row:
     kernel: str  # "read", "read mmap", "gemv" or "gemm"
     shape: str
     threads: int
-    seconds: float  # best pass
+    seconds: float  # best pass (per matrix for gemv)
+    layout: str = ""  # weight layout of gemv and gemm rows
     gbps: float | None = None  # bytes streamed per second / 1e9
+    gweights: float | None = None  # weights streamed per second / 1e9
     gmacs: float | None = None  # multiply-adds per second / 1e9
     of_read: float | None = None  # gbps / read bandwidth at the same thread count
+    vs_tiles: float | None = None  # seconds / seconds of the 2-bit layout, same shape and threads
 
 
 def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm up: page faults, thread start, caches of the code
-    return min(_timed(fn) for _ in range(repeats))
+    return best_seconds_each([fn], repeats)[0]
+
+
+def best_seconds_each(fns, repeats: int) -> list[float]:
+    """Best of `repeats` passes of each function, the functions taking turns."""
+    for fn in fns:
+        fn()  # warm up: page faults, thread start, caches of the code
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], _timed(fn))
+    return best
 
 
 def _timed(fn) -> float:
@@ -49,8 +66,18 @@ def read_bandwidth(buffer: np.ndarray, threads: int, isa: str, repeats: int) -> 
     return buffer.nbytes / min(_native.read_seconds(buffer, isa, threads) for _ in range(repeats))
 
 
+def _streamed(tiles: np.ndarray, m: int, stream_bytes: int, layout: str) -> list:
+    """Distinct copies of the tiles, at least stream_bytes in all, as native weights."""
+    copies = -(-stream_bytes // tiles.nbytes)
+    stream = _native.empty_streaming(copies * tiles.nbytes).reshape(copies, *tiles.shape)
+    stream[:] = tiles
+    scale = np.ones(m, np.float32)
+    return [_native.Weights(weights, m, scale, layout) for weights in stream]
+
+
 def run(shapes=SHAPES_2B4T, threads=(1, 2), tokens: int = 128, stream_bytes: int = 1 << 30,
-        repeats: int = 7, isa: str | None = None, seed: int = 0) -> list[Row]:
+        repeats: int = 7, isa: str | None = None, seed: int = 0,
+        layout_names=tuple(LAYOUTS)) -> list[Row]:
     isa = isa or kernels.default_isa()
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
@@ -75,39 +102,48 @@ def run(shapes=SHAPES_2B4T, threads=(1, 2), tokens: int = 128, stream_bytes: int
     del buffer
 
     for m, k in shapes:
-        tiles = layouts.pack_tiles(rng.integers(-1, 2, (m, k)).astype(np.int8))
-        copies = -(-stream_bytes // tiles.nbytes)
-        stream = _native.empty_streaming(copies * tiles.nbytes).reshape(copies, *tiles.shape)
-        stream[:] = tiles
-        scale = np.ones(m, np.float32)
-        matrices = [_native.Weights(weights, m, scale) for weights in stream]
-        matrix = matrices[0]
+        ternary = rng.integers(-1, 2, (m, k)).astype(np.int8)
+        names = [name for name in layout_names if name != "tiles5" or k % layouts.TILES5_BLOCK == 0]
+        tiles = {name: LAYOUTS[name](ternary) for name in names}
+        matrices = {name: _streamed(tiles[name], m, stream_bytes, name) for name in names}
         one = kernels.quantize_activations(rng.standard_normal((1, k)).astype(np.float32))
         many = kernels.quantize_activations(rng.standard_normal((tokens, k)).astype(np.float32))
 
-        for n in threads:
-            def gemv_pass():
-                for weights in matrices:
+        def gemv_pass(name, n):
+            def run_pass():
+                for weights in matrices[name]:
                     _native.gemm(weights, one, isa, n)
-
-            t = best_seconds(gemv_pass, repeats)
-            gbps = stream.nbytes / t
-            rows.append(Row("gemv", f"{m}x{k}", n, t / copies, gbps=gbps / 1e9, of_read=gbps / read[n]))
+            return run_pass
 
         for n in threads:
-            t = best_seconds(lambda: _native.gemm(matrix, many, isa, n), repeats)
-            rows.append(Row("gemm", f"{m}x{k}x{tokens}", n, t, gmacs=m * k * tokens / t / 1e9))
-        del matrices, matrix, stream
+            seconds = best_seconds_each([gemv_pass(name, n) for name in names], repeats)
+            for name, t in zip(names, seconds):
+                per_matrix = t / len(matrices[name])
+                gbps = tiles[name].nbytes / per_matrix
+                rows.append(Row("gemv", f"{m}x{k}", n, per_matrix, name, gbps=gbps / 1e9,
+                                gweights=m * k / per_matrix / 1e9, of_read=gbps / read[n],
+                                vs_tiles=per_matrix / (seconds[0] / len(matrices[names[0]]))
+                                if names[0] == "tiles" and name != "tiles" else None))
+
+        for n in threads:
+            seconds = best_seconds_each(
+                [lambda name=name: _native.gemm(matrices[name][0], many, isa, n) for name in names], repeats)
+            for name, t in zip(names, seconds):
+                rows.append(Row("gemm", f"{m}x{k}x{tokens}", n, t, name, gmacs=m * k * tokens / t / 1e9,
+                                vs_tiles=t / seconds[0] if names[0] == "tiles" and name != "tiles" else None))
+        matrices.clear()  # free this shape's streams before the next shape's
     return rows
 
 
 def markdown(rows: list[Row], isa: str) -> str:
     lines = [f"kernel set: {isa}", "",
-             "| kernel | shape | threads | time | GB/s | GMAC/s | of read bandwidth |",
-             "|---|---|---|---|---|---|---|"]
+             "| kernel | layout | shape | threads | time | GB/s | Gweights/s | GMAC/s | of read bandwidth "
+             "| time vs tiles |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.kernel} | {r.shape} | {r.threads} | {_time(r.seconds)} | "
-                     f"{_num(r.gbps)} | {_num(r.gmacs)} | {_pct(r.of_read)} |")
+        lines.append(f"| {r.kernel} | {r.layout} | {r.shape} | {r.threads} | {_time(r.seconds)} | "
+                     f"{_num(r.gbps)} | {_num(r.gweights)} | {_num(r.gmacs)} | {_pct(r.of_read)} | "
+                     f"{'' if r.vs_tiles is None else f'{r.vs_tiles:.2f}'} |")
     return "\n".join(lines)
 
 

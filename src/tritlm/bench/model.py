@@ -17,10 +17,10 @@ from .kernels import read_bandwidth
 
 
 def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 3,
-        seed: int = 0) -> dict:
+        seed: int = 0, weight_layout: str | None = None) -> dict:
     start = time.perf_counter()
     config, tensors, _ = loader.load(path)
-    engine = Engine(config, tensors, n_ctx=max(max(prompts, default=1), n_gen + 1))
+    engine = Engine(config, tensors, n_ctx=max(max(prompts, default=1), n_gen + 1), weight_layout=weight_layout)
     load_seconds = time.perf_counter() - start
     del tensors
     rng = np.random.default_rng(seed)
@@ -39,7 +39,10 @@ def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 
             row["roofline"] = engine.decode_bytes * row["tokens_per_s"] / bandwidth
             row["read_gbps"] = bandwidth / 1e9
             rows.append(row)
-    return {"model": str(path), "arch": config.arch, "decode_mb_per_token": engine.decode_bytes / 1e6,
+    layouts = sorted({m.layout for layer in engine.layers for m in (layer.qkv, layer.attn_output, layer.gate_up,
+                                                                      layer.ffn_down)})
+    return {"model": str(path), "arch": config.arch, "weight_layout": "+".join(layouts),
+            "decode_mb_per_token": engine.decode_bytes / 1e6,
             "load_seconds": load_seconds, "peak_rss_mb": _peak_rss_mb(), "rows": rows}
 
 
@@ -65,7 +68,8 @@ def _peak_rss_mb() -> float:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"model: {report['model']} ({report['arch']}), {report['decode_mb_per_token']:.0f} MB "
+    lines = [f"model: {report['model']} ({report['arch']}, weights in {report['weight_layout']}), "
+             f"{report['decode_mb_per_token']:.0f} MB "
              f"read per generated token; load {report['load_seconds']:.1f} s, peak RSS "
              f"{report['peak_rss_mb']:.0f} MB", "",
              "| test | threads | tokens/s | roofline |", "|---|---|---|---|"]

@@ -20,13 +20,16 @@ def add_parser(subparsers) -> None:
                        help="thread counts (default: every available core)")
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (default 3)")
     bench.add_argument("-o", "--output", default="md", choices=["md", "json", "csv"], help="output format")
+    bench.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
+                       help="the kernels' weight layout: 2-bit tiles or 1.6-bit tiles5 (default: the faster here)")
     bench.set_defaults(func=run_model)
     targets = bench.add_subparsers(dest="target", metavar="TARGET")
     p = targets.add_parser(
         "kernels", help="GEMV GB/s and GEMM GMAC/s at the 2B4T shapes, beside read bandwidth",
         description="Streams ternary weights (GEMV, one token) and multiplies them by a batch "
-                    "of tokens (GEMM) at the BitNet-b1.58-2B-4T shapes, and prints each next to "
-                    "the read bandwidth this run measures. Best of --repeats passes.")
+                    "of tokens (GEMM) at the BitNet-b1.58-2B-4T shapes, in each weight layout "
+                    "(tiles: 2 bits per weight; tiles5: 1.625, K a multiple of 256), and prints "
+                    "each next to the read bandwidth this run measures. Best of --repeats passes.")
     p.add_argument("-t", "--threads", type=int, nargs="+", default=None,
                    help="thread counts to run (default: 1 and every available core)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per GEMM (default 128)")
@@ -36,6 +39,8 @@ def add_parser(subparsers) -> None:
                    help="MiB streamed per GEMV pass and read probe; keep it well above L3 (default 1024)")
     p.add_argument("-r", "--repeats", type=int, default=7, help="passes per measurement, best kept (default 7)")
     p.add_argument("--isa", default=None, help="kernel set (default: the best this CPU runs)")
+    p.add_argument("--layouts", nargs="+", default=["tiles", "tiles5"], choices=["tiles", "tiles5"],
+                   help="weight layouts (default: both)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     p.set_defaults(func=run_kernels)
 
@@ -50,7 +55,7 @@ def run_model(args) -> int:
     if min(threads) < 1 or min(args.n_prompt) < 1 or args.n_gen < 0 or args.repetitions < 1:
         raise ValueError("threads, prompt lengths and repetitions must be positive")
     report = harness.run(args.model, prompts=args.n_prompt, n_gen=args.n_gen, threads=threads,
-                         repeats=args.repetitions)
+                         repeats=args.repetitions, weight_layout=args.weight_layout)
     print({"md": harness.markdown, "csv": harness.csv, "json": lambda r: json.dumps(r, indent=1)}
           [args.output](report))
     return 0
@@ -74,9 +79,11 @@ def run_kernels(args) -> int:
     if min(threads) < 1 or args.tokens < 1 or args.repeats < 1 or args.stream_mib < 1:
         raise ValueError("threads, tokens, repeats and stream size must be positive")
     shapes = tuple(_shape(s) for s in args.shapes) if args.shapes else harness.SHAPES_2B4T
+    layouts = tuple(dict.fromkeys(args.layouts))
     isa = args.isa or default_isa()
     rows = harness.run(shapes=shapes, threads=threads, tokens=args.tokens,
-                       stream_bytes=args.stream_mib << 20, repeats=args.repeats, isa=isa)
+                       stream_bytes=args.stream_mib << 20, repeats=args.repeats, isa=isa,
+                       layout_names=layouts)
     print(json.dumps({"isa": isa, "rows": harness.as_dicts(rows)}, indent=1) if args.json
           else harness.markdown(rows, isa))
     return 0

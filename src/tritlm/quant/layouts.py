@@ -8,6 +8,8 @@ one per output row; the weight is ternary * scale). Files store unsigned codes =
 - TQ1_0  llama.cpp: 256-element blocks of 5 trits per byte (48 bytes) + 4 bytes + f16 scale.
 - HF     Hugging Face packed uint8 [M/4, K]: bit pair 2i of row r holds row i*M/4 + r.
 - tiles  tritlm's kernel layout: 16 rows x 16 columns per 64-byte chunk (see TILE_* below).
+- tiles5 tritlm's 1.6-bit kernel layout: TQ1_0's byte order, 16 rows interleaved, five weights
+         per byte in a code the AVX-512 kernel decodes with table lookups (see TILES5_* below).
 """
 
 import numpy as np
@@ -230,6 +232,131 @@ def unpack_tiles(tiles: np.ndarray, shape) -> np.ndarray:
               >> np.array([0, 2, 4, 6], np.uint8)) & 3  # (tile, chunk, r, j, p)
     codes = planes.transpose(0, 2, 1, 4, 3).reshape(n_tiles * TILE_ROWS, k)[:m]
     return _ternary(codes, "tiles")
+
+
+# ----------------------------------------------------------------------------------- tiles5
+
+# tiles5 keeps TQ1_0's order: byte m of a row's 256-column block holds the weights of columns
+# _TQ1_COLUMNS[m] (m + 32n for m < 32, 160 + (m - 32) + 16n for m < 48, 240 + (m - 48) + 4n for
+# the last 4 bytes, which hold only 4 weights). Rows are grouped 16 at a time as in `tiles`, and
+# each group is a run of 13 64-byte chunks per block: byte 4r + j of chunk i holds byte 4i + j of
+# row r's block. So in one chunk, weight n of 16 rows x 4 bytes pairs with 4 consecutive columns.
+#
+# The byte code is not TQ1_0's base-3 number, whose digits cost AVX-512 10 to 20 cycles per 64
+# bytes to extract (docs/KERNELS.md), but one chosen so that each weight is one or two 64-entry
+# lookups (vpermb, about 6 cycles per 64 bytes) of 6 of the byte's bits: with lo = x & 63 and
+# hi = x >> 2,
+#   code 0 = L[0][lo], code 1 = L[1][lo], code 2 = L[2][hi], code 3 = L[3][hi],
+#   code 4 = L[4][lo] + L[5][hi].
+# Tables with this property were found by a randomized search; every byte decodes to codes <= 2
+# and every one of the 243 code tuples has a byte (13 have two; packing writes the smaller). A
+# TQ1_0 tensor converts by a byte map and a shuffle (tiles5_from_tq1_0). Weight 4 of the 4-weight
+# bytes is absent: packing stores code 0 there, as TQ1_0 does, and kernels skip it.
+TILES5_BLOCK = QK  # columns per block
+TILES5_CHUNKS = 13  # 64-byte chunks per block of a 16-row group: 52 bytes x 16 rows
+TILES5_LOOKUP = np.array([[int(c) for c in row] for row in (
+    "0210122012012100201011210200121011122101021202201002120021202221",
+    "1021001101212210212012210002001012102201200122100210221200121120",
+    "0011020010211202101102120110022121120021122111002202102221200022",
+    "1001021112012111021221010012020022200210202210211000112202002112",
+    "2200000211110000000000011000000010021111000000101101201011111021",
+    "0011111001100010001111100000001000112010012000100010211001000010",
+)], np.uint8)
+
+
+def _tq1_columns() -> np.ndarray:
+    """[52, 5]: the block column of weight n of byte m; -1 where a byte holds only 4."""
+    columns, m = np.full((52, 5), -1), 0
+    for start, nbytes, trits in _TQ1_GROUPS:
+        columns[m : m + nbytes, :trits] = start + np.arange(nbytes)[:, None] + nbytes * np.arange(trits)
+        m += nbytes
+    return columns
+
+
+_TQ1_COLUMNS = _tq1_columns()
+_POWERS3 = 3 ** np.arange(4, -1, -1)  # a code tuple's index: c0 * 81 + c1 * 27 + ... + c4
+
+
+def _tiles5_decode() -> np.ndarray:
+    """[256, 5]: the five codes of every byte."""
+    x = np.arange(256)
+    lo, hi, lut = x & 63, x >> 2, TILES5_LOOKUP.astype(np.int64)
+    codes = np.stack([lut[0][lo], lut[1][lo], lut[2][hi], lut[3][hi], lut[4][lo] + lut[5][hi]], axis=1)
+    return codes.astype(np.uint8)
+
+
+_TILES5_CODES = _tiles5_decode()
+_TILES5_ENCODE = np.full(243, 255, np.uint8)  # code tuple index -> the smallest byte holding it
+np.minimum.at(_TILES5_ENCODE, _TILES5_CODES @ _POWERS3, np.arange(256, dtype=np.uint8))
+
+
+def _tq1_byte_codes() -> np.ndarray:
+    """[256, 5]: the five codes TQ1_0 reads from each byte value."""
+    shifted = (np.arange(256)[:, None] * 3 ** np.arange(5)) & 0xFF
+    return (shifted * 3) >> 8
+
+
+_TQ1_TO_TILES5 = _TILES5_ENCODE[_tq1_byte_codes() @ _POWERS3]
+
+
+def tiles5_shape(shape) -> tuple[int, int, int]:
+    m, k = shape
+    return -(-m // TILE_ROWS), k // TILES5_BLOCK * TILES5_CHUNKS, TILE_CHUNK_BYTES
+
+
+def _tiles5_arrange(blocks: np.ndarray, pad: np.ndarray) -> np.ndarray:
+    """Rows of code bytes [M, K/256, 52] -> tiles, padded with `pad` [K/256, 52] rows."""
+    m, n_blocks, _ = blocks.shape
+    n_tiles = -(-m // TILE_ROWS)
+    rows = np.empty((n_tiles * TILE_ROWS, n_blocks, 52), np.uint8)
+    rows[:m], rows[m:] = blocks, pad
+    # (tile, r, block, chunk, j) -> (tile, block, chunk, r, j)
+    t = rows.reshape(n_tiles, TILE_ROWS, n_blocks, TILES5_CHUNKS, 4).transpose(0, 2, 3, 1, 4)
+    return np.ascontiguousarray(t.reshape(n_tiles, n_blocks * TILES5_CHUNKS, TILE_CHUNK_BYTES))
+
+
+def _tiles5_bytes(codes: np.ndarray) -> np.ndarray:
+    """Codes [M, K] -> code bytes [M, K/256, 52] in TQ1_0's byte order."""
+    blocks = codes.reshape(codes.shape[0], -1, QK)
+    index = np.zeros(blocks.shape[:2] + (52,), np.uint8)  # the code tuple's index, < 243
+    for n in range(5):
+        present = _TQ1_COLUMNS[:, n] >= 0  # an absent code counts as 0, as TQ1_0 stores it
+        digit = np.zeros_like(index)
+        digit[:, :, present] = blocks[:, :, _TQ1_COLUMNS[present, n]]
+        index = index * 3 + digit
+    return _TILES5_ENCODE[index]
+
+
+def pack_tiles5(ternary: np.ndarray) -> np.ndarray:
+    codes = _codes(ternary)
+    m, k = _check_cols(codes.shape, TILES5_BLOCK, "tiles5")
+    return _tiles5_arrange(_tiles5_bytes(codes), _tiles5_bytes(np.ones((1, k), np.uint8))[0])
+
+
+def unpack_tiles5(tiles: np.ndarray, shape) -> np.ndarray:
+    m, k = _check_cols(shape, TILES5_BLOCK, "tiles5")
+    n_tiles, n_chunks, _ = tiles5_shape(shape)
+    tiles = np.asarray(tiles)
+    if tiles.dtype != np.uint8 or tiles.shape != (n_tiles, n_chunks, TILE_CHUNK_BYTES):
+        raise ValueError(f"tiles5 for {shape} must be uint8 {(n_tiles, n_chunks, TILE_CHUNK_BYTES)}")
+    n_blocks = k // TILES5_BLOCK
+    # (tile, block, chunk, r, j) -> (tile, r, block, chunk, j): rows of 52 bytes per block
+    rows = tiles.reshape(n_tiles, n_blocks, TILES5_CHUNKS, TILE_ROWS, 4).transpose(0, 3, 1, 2, 4)
+    codes5 = _TILES5_CODES[rows.reshape(n_tiles * TILE_ROWS, n_blocks, 52)[:m]]  # [m, blocks, 52, 5]
+    present = _TQ1_COLUMNS >= 0
+    codes = np.empty((m, n_blocks, QK), np.uint8)
+    codes[:, :, _TQ1_COLUMNS[present]] = codes5[:, :, present]
+    return _ternary(codes.reshape(m, k), "tiles5")
+
+
+def tiles5_from_tq1_0(data: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """tiles5 and per-row scales from the bytes of a TQ1_0 tensor: a byte map and a shuffle."""
+    m, k = _check_cols(shape, QK, "TQ1_0")
+    blocks = _check_data(data, tq1_0_nbytes(shape), "TQ1_0")[: tq1_0_nbytes(shape)]
+    blocks = blocks.reshape(m, k // QK, TQ1_0_BLOCK_BYTES)
+    scale = _rows_from_block_scales(blocks[:, :, 52:].copy().view(np.float16), m, "TQ1_0")
+    pad = _tiles5_bytes(np.ones((1, k), np.uint8))[0]
+    return _tiles5_arrange(_TQ1_TO_TILES5[blocks[:, :, :52]], pad), scale
 
 
 # ------------------------------------------------------------------------------ conversion

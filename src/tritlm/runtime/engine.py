@@ -21,7 +21,6 @@ from .. import _native, kernels
 from ..kernels import Part, TernaryMatrix
 from ..models.config import ModelConfig
 from ..models.loader import FloatMatrix, StoredTernary
-from ..quant import layouts
 
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
 
@@ -50,9 +49,8 @@ def _part(name: str, tensor) -> Part:
     return Part("int8", tensor.ternary, tensor.shape, tensor.scale, name)
 
 
-def _tiles_bytes(stack: dict) -> int:
-    rows = sum(t.shape[0] for t in stack.values())
-    return int(np.prod(layouts.tiles_shape((rows, next(iter(stack.values())).shape[1]))))
+def _stacked_shape(stack: dict) -> tuple[int, int]:
+    return sum(t.shape[0] for t in stack.values()), next(iter(stack.values())).shape[1]
 
 
 class _Arena:
@@ -92,8 +90,12 @@ class Sequence:
 
 
 class Engine:
+    """weight_layout: "tiles" (2 bits per weight) or "tiles5" (1.625); default the one the kernels
+    stream fastest on this CPU (`kernels.best_layout`), whatever layout the file holds."""
+
     def __init__(self, config: ModelConfig, tensors: dict, *, n_ctx: int | None = None,
-                 n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256):
+                 n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256,
+                 weight_layout: str | None = None):
         if kv_type not in KV_DTYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_DTYPES)}, got {kv_type!r}")
         self.config = config
@@ -110,14 +112,17 @@ class Engine:
         floats = [head] if config.tied_embeddings else [head, tensors["token_embd"]]
         stacks = [{key: {f"blk.{i}.{n}": tensors[f"blk.{i}.{n}"] for n in names} for key, names in STACKS.items()}
                   for i in range(config.n_layers)]
-        arena = _Arena([f.nbytes for f in floats] + [_tiles_bytes(s) for layer in stacks for s in layer.values()])
+        layout = {key: weight_layout or kernels.best_layout(self.isa, _stacked_shape(stack)[1])
+                  for key, stack in stacks[0].items()}  # every layer alike
+        nbytes = {key: TernaryMatrix.nbytes_of(_stacked_shape(stack), layout[key]) for key, stack in stacks[0].items()}
+        arena = _Arena([f.nbytes for f in floats] + [nbytes[key] for layer in stacks for key in layer])
         self.weights = arena.buffer  # uint8: every weight a step streams
         self.head = arena.copy_of(head)
         self.embedding = self.head if config.tied_embeddings else arena.copy_of(tensors["token_embd"])
         self.layers = []
         for i, layer in enumerate(stacks):
-            matrices = {key: TernaryMatrix.stack([_part(n, t) for n, t in stack.items()], n_threads=self.n_threads,
-                                                 out=arena.take(_tiles_bytes(stack)))
+            matrices = {key: TernaryMatrix.stack([_part(n, t) for n, t in stack.items()], layout[key],
+                                                 out=arena.take(nbytes[key]), n_threads=self.n_threads)
                         for key, stack in layer.items()}
             norms = {n: tensors.get(f"blk.{i}.{n}") for n in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")}
             self.layers.append(Layer(**norms, **matrices))
