@@ -111,18 +111,29 @@ struct Tiles5Encoder {
 };
 
 // The same tile in tiles5: byte 4r + j of chunk i of a 256-column block holds the five weights
-// of row r's byte m = 4i + j in TQ1_0's order (kernels.h tq1_column); bytes 48..51 hold four,
-// the fifth stored as code 0.
+// of row r's byte m = 4i + j in TQ1_0's order (kernels.h tq1_column): m < 32 holds columns
+// m + 32n, m < 48 columns 160 + (m - 32) + 16n, and the last 4 bytes columns 240 + (m - 48) + 4n
+// for n < 4 only (the fifth stored as code 0). Each group's tuple indices come from loops over
+// consecutive columns with constant bounds, which vectorize.
+template <int kFirstByte, int kBytes, int kFirstColumn, int kStride, int kWeights>
+void tuple_indices(const uint8_t* c, uint8_t* index) {
+  for (int i = 0; i < kBytes; ++i) {
+    uint8_t v = 0;  // at most 242
+    for (int n = 0; n < 5; ++n) v = uint8_t(3 * v + (n < kWeights ? c[kFirstColumn + i + kStride * n] : 0));
+    index[kFirstByte + i] = v;
+  }
+}
+
 void write_tiles5(const uint8_t* codes, int64_t K, uint8_t* out) {
   static const Tiles5Encoder encoder;
   for (int64_t b = 0; b < K / kBlock5Cols; ++b, out += kBlock5Bytes)
     for (int64_t r = 0; r < kTileRows; ++r) {
       const uint8_t* c = codes + r * K + b * kBlock5Cols;
-      for (int m = 0; m < 52; ++m) {
-        int index = 0;
-        for (int n = 0; n < 5; ++n) index = 3 * index + (m < 48 || n < 4 ? c[tq1_column(m, n)] : 0);
-        out[(m / 4) * kChunkBytes + 4 * r + m % 4] = encoder.byte[index];
-      }
+      uint8_t index[52];
+      tuple_indices<0, 32, 0, 32, 5>(c, index);
+      tuple_indices<32, 16, 160, 16, 5>(c, index);
+      tuple_indices<48, 4, 240, 4, 4>(c, index);
+      for (int m = 0; m < 52; ++m) out[(m / 4) * kChunkBytes + 4 * r + m % 4] = encoder.byte[index[m]];
     }
 }
 
