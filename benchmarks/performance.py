@@ -85,15 +85,16 @@ def main(argv=None) -> int:
         path = dummy(args.dir, preset, args.type, args.embedding)
         sizes[preset] = bench(path, [128], args.n_gen, args.threads, args.repetitions)
         print(f"{preset}: done", file=sys.stderr)
+    if not args.json:
+        print(f"## Generation against model size ({args.type}, {args.embedding} embedding)\n")
+        print(size_table(sizes, args.threads, args.n_gen), flush=True)
     prompts = bench(dummy(args.dir, "2B4T", args.type, args.embedding), args.prompts, 0, args.threads,
                     args.repetitions)
     if args.json:
         print(json.dumps({"sizes": sizes, "prompts": prompts}, indent=1))
-        return 0
-    print(f"## Generation against model size ({args.type}, {args.embedding} embedding)\n")
-    print(size_table(sizes, args.threads, args.n_gen))
-    print(f"\n## Prompt processing against prompt length (2B4T shape, {args.type}, {args.embedding} embedding)\n")
-    print(prompt_table(prompts, args.prompts, args.threads))
+    else:
+        print(f"\n## Prompt processing against prompt length (2B4T shape, {args.type}, {args.embedding} embedding)\n")
+        print(prompt_table(prompts, args.prompts, args.threads))
     return 0
 
 

@@ -29,6 +29,7 @@ using checks::fail;
 Array array(nb::handle obj, const std::string& name) {
   Array a;
   if (!nb::try_cast(obj, a, /*convert=*/false)) fail(name + ": expected a writable CPU array");
+  if (a.size() == 0) return a;  // (an empty array's strides mean nothing)
   int64_t stride = 1;
   for (size_t i = a.ndim(); i-- > 0;) {
     if (a.shape(i) != 1 && a.stride(i) != stride) fail(name + ": must be C-contiguous");

@@ -67,6 +67,15 @@ def test_f16_cache_stays_close(model):
     assert relative_error(f16, f32) < 1e-2
 
 
+def test_chunked_prompt_gives_its_last_logits(model):
+    """A prompt longer than prefill_chunk runs in chunks whose logits nobody keeps (a step that
+    returns no rows at all), then its last token's."""
+    config, tensors, _ = loader.load(model[1])
+    engine = Engine(config, tensors, prefill_chunk=16)
+    last = engine.forward([(engine.new_sequence(), TOKENS)])[0]
+    np.testing.assert_array_equal(last, full_forward(engine, TOKENS)[-1:])
+
+
 def test_batching_and_chunking_change_nothing(model):
     config, tensors, _ = loader.load(model[1])
     engine = Engine(config, tensors, prefill_chunk=7)
