@@ -46,6 +46,9 @@ class StoredTernary(TernaryTensor):
     def shape(self) -> tuple[int, int]:
         return self._shape
 
+    def __repr__(self) -> str:  # (the dataclass's would read and unpack the tensor)
+        return f"StoredTernary({self.layout!r}, {self.shape}, {self.region})"
+
     @cached_property
     def _unpacked(self) -> tuple[np.ndarray, np.ndarray]:
         _, unpack = layouts.FILE_LAYOUTS[self.layout]
