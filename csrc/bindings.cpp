@@ -212,9 +212,10 @@ NB_MODULE(_native, m) {
       const auto name = nb::cast<std::string>(part[0]);
       const auto rows = nb::cast<int64_t>(part[2]);
       SourceLayout layout;
-      if (!source_layout_named(name, &layout)) fail(what + ": unknown layout " + name + " (int8, I2_S, TQ2_0, TQ1_0)");
+      if (!source_layout_named(name, &layout)) fail(what + ": unknown layout " + name + " (int8, HF, I2_S, TQ2_0, TQ1_0)");
       if (!layout_fits(layout, K)) fail(what + ": K=" + std::to_string(K) + " does not fit " + name + " blocks");
       if (rows < 1) fail(what + ": rows must be positive");
+      if (layout == SourceLayout::kHF && rows % 4) fail(what + ": HF packed weights need rows a multiple of 4");
       const Input data = input(part[1], "data");
       const void* p = layout == SourceLayout::kInt8 ? check(data, "data", {nb::dtype<int8_t>()}, {rows, K})
                                               : check(data, "data", {kU8}, {kAny});

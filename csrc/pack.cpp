@@ -14,26 +14,34 @@ constexpr int64_t kI2sBlock = 128, kTqBlock = 256, kTq2Bytes = 66, kTq1Bytes = 5
 
 // Each decoder writes the K codes of row m of a part: 0, 1, 2, or 3 where the bytes hold no
 // ternary value. The loops are plain so that the compiler vectorizes them.
-void decode_int8(const uint8_t* data, int64_t m, int64_t K, uint8_t* codes) {
-  const uint8_t* row = data + m * K;
+void decode_int8(const PackPart& p, int64_t m, int64_t K, uint8_t* codes) {
+  const uint8_t* row = p.data + m * K;
   for (int64_t k = 0; k < K; ++k) {
     const uint8_t c = uint8_t(row[k] + 1);  // -1, 0, 1 -> 0, 1, 2
     codes[k] = c > 2 ? 3 : c;
   }
 }
 
+// HF: row m sits at bits 2i of row m - i * rows / 4, i = m / (rows / 4).
+void decode_hf(const PackPart& p, int64_t m, int64_t K, uint8_t* codes) {
+  const int64_t quarter = p.rows / 4;
+  const uint8_t* row = p.data + (m % quarter) * K;
+  const int shift = int(2 * (m / quarter));
+  for (int64_t k = 0; k < K; ++k) codes[k] = (row[k] >> shift) & 3;
+}
+
 // I2_S: blocks of 128 elements in 32 bytes; element 32g + p at bit 6 - 2g of byte p.
-void decode_i2s(const uint8_t* data, int64_t m, int64_t K, uint8_t* codes) {
-  const uint8_t* block = data + m * K / 4;
+void decode_i2s(const PackPart& p, int64_t m, int64_t K, uint8_t* codes) {
+  const uint8_t* block = p.data + m * K / 4;
   for (int64_t b = 0; b < K / kI2sBlock; ++b, block += 32, codes += kI2sBlock)
     for (int g = 0; g < 4; ++g)
-      for (int p = 0; p < 32; ++p) codes[32 * g + p] = (block[p] >> (6 - 2 * g)) & 3;
+      for (int i = 0; i < 32; ++i) codes[32 * g + i] = (block[i] >> (6 - 2 * g)) & 3;
 }
 
 // TQ2_0: blocks of 256 elements in 64 bytes + an f16 scale; in half h, element 128h + 32n + i at
 // bit 2n of byte 32h + i.
-void decode_tq2_0(const uint8_t* data, int64_t m, int64_t K, uint8_t* codes) {
-  const uint8_t* block = data + m * (K / kTqBlock) * kTq2Bytes;
+void decode_tq2_0(const PackPart& p, int64_t m, int64_t K, uint8_t* codes) {
+  const uint8_t* block = p.data + m * (K / kTqBlock) * kTq2Bytes;
   for (int64_t b = 0; b < K / kTqBlock; ++b, block += kTq2Bytes, codes += kTqBlock)
     for (int h = 0; h < 2; ++h)
       for (int n = 0; n < 4; ++n)
@@ -43,10 +51,10 @@ void decode_tq2_0(const uint8_t* data, int64_t m, int64_t K, uint8_t* codes) {
 // TQ1_0: blocks of 256 elements in 52 bytes + an f16 scale. Groups of bytes hold 5 (or 4) trits
 // each, trit n of byte i being element start + bytes * n + i; trit n is the top trit of
 // (uint8)(byte * 3^n), read as (x * 3) >> 8.
-void decode_tq1_0(const uint8_t* data, int64_t m, int64_t K, uint8_t* codes) {
+void decode_tq1_0(const PackPart& p, int64_t m, int64_t K, uint8_t* codes) {
   struct Group { int start, bytes, trits, offset; };
   constexpr Group groups[] = {{0, 32, 5, 0}, {160, 16, 5, 32}, {240, 4, 4, 48}};
-  const uint8_t* block = data + m * (K / kTqBlock) * kTq1Bytes;
+  const uint8_t* block = p.data + m * (K / kTqBlock) * kTq1Bytes;
   for (int64_t b = 0; b < K / kTqBlock; ++b, block += kTq1Bytes, codes += kTqBlock)
     for (const Group& g : groups)
       for (int n = 0, power = 1; n < g.trits; ++n, power *= 3)
@@ -54,11 +62,12 @@ void decode_tq1_0(const uint8_t* data, int64_t m, int64_t K, uint8_t* codes) {
           codes[g.start + g.bytes * n + i] = uint8_t((uint8_t(block[g.offset + i] * power) * 3) >> 8);
 }
 
-using Decoder = void (*)(const uint8_t*, int64_t, int64_t, uint8_t*);
+using Decoder = void (*)(const PackPart&, int64_t, int64_t, uint8_t*);
 
 Decoder decoder(SourceLayout layout) {
   switch (layout) {
     case SourceLayout::kInt8: return decode_int8;
+    case SourceLayout::kHF: return decode_hf;
     case SourceLayout::kI2_S: return decode_i2s;
     case SourceLayout::kTQ2_0: return decode_tq2_0;
     case SourceLayout::kTQ1_0: return decode_tq1_0;
@@ -141,11 +150,11 @@ enum Flag { kCorrupt = 1, kMixedScales = 2, kNonzero = 4 };
 
 // Decodes row m of part p, its scale into *scale (file layouts), and returns its flags.
 int decode_row(const PackPart& p, int64_t m, int64_t K, uint8_t* codes, float* scale) {
-  decoder(p.layout)(p.data, m, K, codes);
+  decoder(p.layout)(p, m, K, codes);
   int flags = 0;
   if (p.layout == SourceLayout::kI2_S) {
     std::memcpy(scale, p.data + p.rows * K / 4, 4);  // one scale per tensor, after the codes
-  } else if (p.layout != SourceLayout::kInt8) {
+  } else if (p.layout == SourceLayout::kTQ2_0 || p.layout == SourceLayout::kTQ1_0) {
     const int64_t block_bytes = p.layout == SourceLayout::kTQ2_0 ? kTq2Bytes : kTq1Bytes;
     const int64_t blocks = K / kTqBlock;
     if (!tq_row_scale(p.data + m * blocks * block_bytes, blocks, block_bytes, scale)) flags |= kMixedScales;
@@ -162,6 +171,7 @@ int decode_row(const PackPart& p, int64_t m, int64_t K, uint8_t* codes, float* s
 
 bool source_layout_named(const std::string& name, SourceLayout* layout) {
   if (name == "int8") *layout = SourceLayout::kInt8;
+  else if (name == "HF") *layout = SourceLayout::kHF;
   else if (name == "I2_S") *layout = SourceLayout::kI2_S;
   else if (name == "TQ2_0") *layout = SourceLayout::kTQ2_0;
   else if (name == "TQ1_0") *layout = SourceLayout::kTQ1_0;
@@ -172,6 +182,7 @@ bool source_layout_named(const std::string& name, SourceLayout* layout) {
 int64_t layout_bytes(SourceLayout layout, int64_t rows, int64_t K) {
   switch (layout) {
     case SourceLayout::kInt8: return rows * K;
+    case SourceLayout::kHF: return rows * K / 4;
     case SourceLayout::kI2_S: return rows * K / 4 + 32;  // the 32-byte tail holds the f32 scale
     case SourceLayout::kTQ2_0: return rows * K / kTqBlock * kTq2Bytes;
     case SourceLayout::kTQ1_0: return rows * K / kTqBlock * kTq1Bytes;
@@ -180,7 +191,9 @@ int64_t layout_bytes(SourceLayout layout, int64_t rows, int64_t K) {
 }
 
 bool layout_fits(SourceLayout layout, int64_t K) {
-  const int64_t block = layout == SourceLayout::kI2_S ? kI2sBlock : layout == SourceLayout::kInt8 ? kChunkCols : kTqBlock;
+  const int64_t block = layout == SourceLayout::kI2_S                                     ? kI2sBlock
+                        : layout == SourceLayout::kInt8 || layout == SourceLayout::kHF ? kChunkCols
+                                                                                       : kTqBlock;
   return K > 0 && K % block == 0;
 }
 

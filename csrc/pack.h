@@ -11,8 +11,9 @@
 namespace tritlm {
 
 // How a part's bytes hold its codes (ternary + 1): kInt8 is a plain int8 [rows, K] ternary
-// array; the others are the file layouts of tritlm/quant/layouts.py.
-enum class SourceLayout { kInt8, kI2_S, kTQ2_0, kTQ1_0 };
+// array, kHF Hugging Face's packed uint8 [rows / 4, K]; the others are the GGUF layouts of
+// tritlm/quant/layouts.py. kInt8 and kHF bytes hold no scales.
+enum class SourceLayout { kInt8, kHF, kI2_S, kTQ2_0, kTQ1_0 };
 bool source_layout_named(const std::string& name, SourceLayout* layout);
 int64_t layout_bytes(SourceLayout layout, int64_t rows, int64_t K);  // the bytes a part needs
 bool layout_fits(SourceLayout layout, int64_t K);                   // K suits the layout's blocks
@@ -30,8 +31,8 @@ struct PackResult {
 };
 
 // Packs the parts, stacked by rows, into tiles of `layout` (kernels.h; M = the parts' rows, and
-// rows past M get weight 0), and writes each file part's row scales into scales [M] (int8 parts'
-// rows are left alone: their scales are not in their bytes). One result per part.
+// rows past M get weight 0), and writes each GGUF part's row scales into scales [M] (int8 and HF
+// parts' rows are left alone: their scales are not in their bytes). One result per part.
 std::vector<PackResult> pack_tiles(const std::vector<PackPart>& parts, int64_t K, Layout layout, uint8_t* tiles,
                                    float* scales, int n_threads);
 

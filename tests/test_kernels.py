@@ -132,12 +132,13 @@ def test_stack_packs_mixed_layouts_like_numpy(rng):
     """Parts in every layout, stacked, with row counts that leave tiles shared and padded: the C++
     packer against NumPy's unpack + pack_tiles."""
     k, parts, ternaries, scales = 512, [], [], []
-    for layout, rows in (("int8", 5), ("I2_S", 19), ("TQ2_0", 8), ("TQ1_0", 3)):
+    for layout, rows in (("int8", 5), ("HF", 12), ("I2_S", 19), ("TQ2_0", 8), ("TQ1_0", 3)):
         ternary = random_ternary(rng, rows, k)
         ternary[1, :256] = 0  # an all-zero TQ block has scale 0 in the file
         scale = rng.uniform(0.5, 2, rows).astype(np.float32) if layout != "I2_S" else np.float32(0.25)
-        if layout == "int8":
-            parts.append(kernels.Part(layout, ternary, ternary.shape, scale))
+        if layout in ("int8", "HF"):  # the scales travel beside the bytes
+            data = ternary if layout == "int8" else layouts.pack_hf(ternary).reshape(-1)
+            parts.append(kernels.Part(layout, data, ternary.shape, scale))
             ternaries.append(ternary), scales.append(scale)
             continue
         pack, unpack = layouts.FILE_LAYOUTS[layout]
@@ -157,12 +158,14 @@ def test_stack_packs_mixed_layouts_like_numpy(rng):
     ("TQ2_0", lambda d: d.__setitem__(64, d[64] ^ 1), "TQ2_0 block scales differ within a row"),
     ("TQ1_0", lambda d: d.__setitem__(np.s_[52:54], np.array([-1], np.float16).view(np.uint8)), "TQ1_0 block scales differ"),
     ("int8", lambda d: d.__setitem__((0, 3), 2), "int8 weights that are not"),
+    ("HF", lambda d: d.__setitem__(5, 0xC0), "HF weights that are not"),
 ])
 def test_stack_names_the_corrupt_tensor(rng, layout, corrupt, message):
     ternary = random_ternary(rng, 4, 512)
-    data = ternary.copy() if layout == "int8" else layouts.FILE_LAYOUTS[layout][0](ternary, np.float32(1))
+    data = (ternary.copy() if layout == "int8" else layouts.pack_hf(ternary).reshape(-1) if layout == "HF"
+            else layouts.FILE_LAYOUTS[layout][0](ternary, np.float32(1)))
     corrupt(data)
-    part = kernels.Part(layout, data, ternary.shape, 1.0 if layout == "int8" else None, "blk.3.ffn_up")
+    part = kernels.Part(layout, data, ternary.shape, 1.0 if layout in ("int8", "HF") else None, "blk.3.ffn_up")
     with pytest.raises(ValueError, match=f"blk.3.ffn_up: {message}"):
         kernels.TernaryMatrix.stack([part])
 

@@ -57,8 +57,8 @@ def quantize_activations(x: np.ndarray, *, isa: str | None = None,
 
 class Part(NamedTuple):
     """A matrix to pack, alone or stacked with others by rows: `data` in `layout`, either "int8"
-    (ternary [rows, K], with its `scale`) or one of `layouts.FILE_LAYOUTS` (the file's bytes,
-    which hold the scales)."""
+    (ternary [rows, K]) or "HF" (Hugging Face's packed uint8 [rows/4, K]), with its `scale`; or
+    one of `layouts.FILE_LAYOUTS` (the file's bytes, which hold the scales)."""
 
     layout: str
     data: np.ndarray
@@ -105,7 +105,10 @@ class TernaryMatrix:
     @classmethod
     def from_hf(cls, packed: np.ndarray, scale) -> TernaryMatrix:
         """From a Hugging Face packed uint8 [M/4, K] tensor and its multiplicative scale."""
-        return cls(layouts.unpack_hf(packed), scale)
+        packed = np.asarray(packed)
+        if packed.dtype != np.uint8 or packed.ndim != 2:
+            raise ValueError(f"HF packed weights must be uint8 [M/4, K], got {packed.dtype} {packed.shape}")
+        return cls.stack([Part("HF", packed.reshape(-1), (4 * packed.shape[0], packed.shape[1]), scale)])
 
     def _pack(self, parts: list[Part], layout: str, out: np.ndarray | None = None,
               n_threads: int | None = None) -> None:
@@ -125,7 +128,7 @@ class TernaryMatrix:
                                  "a ternary model has one scale per row")
             if p.name and not nonzero:
                 warnings.warn(f"{p.name}: every weight is zero; the file may be corrupt", stacklevel=4)
-            if p.layout == "int8":
+            if p.layout in ("int8", "HF"):  # scales the bytes do not hold
                 scale[begin : begin + p.shape[0]] = layouts.row_scales(p.scale, p.shape[0])
             begin += p.shape[0]
         layouts.row_scales(scale, self.shape[0])  # finite and non-negative, or ValueError

@@ -20,6 +20,7 @@ from enum import IntEnum
 import numpy as np
 
 from ..quant import blocks
+from .region import FileRegion
 
 MAGIC = b"GGUF"
 VERSION = 3
@@ -116,35 +117,6 @@ class TensorInfo:
     shape: tuple  # NumPy order: GGUF's ne reversed
     offset: int  # absolute, in the file
     nbytes: int
-
-
-@dataclass(frozen=True)
-class FileRegion:
-    """`nbytes` bytes of a file from `offset`, read when needed with plain reads: pages read
-    through a memory map would count toward the process's memory as long as the map lives."""
-
-    path: str
-    offset: int
-    nbytes: int
-
-    def read_into(self, out: np.ndarray) -> None:
-        """Fill `out`, a contiguous buffer of exactly nbytes."""
-        view = memoryview(out).cast("B")
-        if view.nbytes != self.nbytes:
-            raise ValueError(f"{self.path}: a buffer of {view.nbytes} bytes for {self.nbytes}")
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset)
-            done = 0
-            while done < self.nbytes:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise ValueError(f"{self.path} ends inside a tensor: was it changed after it was opened?")
-                done += n
-
-    def read(self) -> np.ndarray:
-        out = np.empty(self.nbytes, np.uint8)
-        self.read_into(out)
-        return out
 
 
 def _plain(v):

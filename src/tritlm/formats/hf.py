@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .region import FileRegion
 from .safetensors import SafetensorsFile
 
 
@@ -58,6 +59,11 @@ class HFCheckpoint:
     def info(self, name: str):
         """dtype, shape and byte range of a tensor, as its safetensors header declares them."""
         return self._where[name].info(name)
+
+    def region(self, name: str):
+        """Where a tensor's bytes lie, to read them later."""
+        info = self.info(name)
+        return FileRegion(self._where[name].path, info.begin, info.end - info.begin)
 
     def array(self, name: str) -> np.ndarray:
         if name not in self._where:

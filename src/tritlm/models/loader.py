@@ -16,7 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
-from ..formats.gguf import FileRegion, GGUFFile
+from ..formats.gguf import GGUFFile
+from ..formats.region import FileRegion
 from ..formats.hf import HFCheckpoint, is_hf_directory
 from ..quant import blocks, layouts, ternarize
 from .config import ModelConfig, family_of
@@ -37,10 +38,11 @@ class TernaryTensor:
 
 
 class StoredTernary(TernaryTensor):
-    """A ternary tensor where its file holds it, in one of `layouts.FILE_LAYOUTS`."""
+    """A ternary tensor where its file holds it: in one of `layouts.FILE_LAYOUTS`, or "HF"
+    (Hugging Face's packed uint8 [M/4, K], whose scales, `row_scale`, are kept elsewhere)."""
 
-    def __init__(self, layout: str, shape: tuple[int, int], region: FileRegion):
-        self.layout, self._shape, self.region = layout, tuple(shape), region
+    def __init__(self, layout: str, shape: tuple[int, int], region: FileRegion, row_scale=None):
+        self.layout, self._shape, self.region, self.row_scale = layout, tuple(shape), region, row_scale
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,8 +53,11 @@ class StoredTernary(TernaryTensor):
 
     @cached_property
     def _unpacked(self) -> tuple[np.ndarray, np.ndarray]:
+        data = self.region.read()
+        if self.layout == "HF":
+            return layouts.unpack_hf(data.reshape(self.shape[0] // 4, -1)), self.row_scale
         _, unpack = layouts.FILE_LAYOUTS[self.layout]
-        return unpack(self.region.read(), self.shape)
+        return unpack(data, self.shape)
 
     ternary = property(lambda self: self._unpacked[0])
     scale = property(lambda self: self._unpacked[1])
@@ -161,20 +166,21 @@ def hf_config(config: dict) -> ModelConfig:
 
 
 def _hf_ternary(ckpt: HFCheckpoint, hf_name: str, out_features: int, quant: dict) -> TernaryTensor:
-    weight = ckpt.array(f"{hf_name}.weight")
-    if weight.dtype == np.uint8 and weight.shape[0] * 4 == out_features:
+    info = ckpt.info(f"{hf_name}.weight")
+    if info.dtype == "U8" and len(info.shape) == 2 and info.shape[0] * 4 == out_features:
         # packed: 4 rows per byte; weight_scale multiplies (autobitlinear) or divides (bitlinear)
         if f"{hf_name}.weight_scale" not in ckpt:
             raise ValueError(f"{hf_name}: packed weights without a weight_scale")
         ws = np.float32(ckpt.array(f"{hf_name}.weight_scale").reshape(-1)[0])
         scale = ws if quant.get("linear_class", "bitlinear") == "autobitlinear" else np.float32(1) / ws
-        ternary = layouts.unpack_hf(weight)
-    elif weight.dtype == np.float32 and weight.shape[0] == out_features:
+        return StoredTernary("HF", (out_features, info.shape[1]), ckpt.region(f"{hf_name}.weight"),
+                             np.full(out_features, scale, np.float32))
+    weight = ckpt.array(f"{hf_name}.weight")
+    if weight.dtype == np.float32 and weight.shape[0] == out_features:
         ternary, scale = ternarize(weight)  # master weights: absmean, as training does online
-    else:
-        raise ValueError(f"{hf_name}.weight: unexpected {weight.dtype} {weight.shape} for "
-                         f"{out_features} output features")
-    return TernaryTensor(ternary, np.full(ternary.shape[0], scale, np.float32))
+        return TernaryTensor(ternary, np.full(ternary.shape[0], scale, np.float32))
+    raise ValueError(f"{hf_name}.weight: unexpected {weight.dtype} {weight.shape} for "
+                     f"{out_features} output features")
 
 
 def required_tensors(config: ModelConfig) -> list[str]:

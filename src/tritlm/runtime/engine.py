@@ -45,7 +45,7 @@ STACKS = {"qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",)
 
 def _part(name: str, tensor) -> Part:
     if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes
-        return Part(tensor.layout, tensor.region.read(), tensor.shape, name=name)
+        return Part(tensor.layout, tensor.region.read(), tensor.shape, tensor.row_scale, name)
     return Part("int8", tensor.ternary, tensor.shape, tensor.scale, name)
 
 
