@@ -25,13 +25,21 @@ bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* s
   return true;
 }
 
+// The sums of one tile's rows for token t, raw or rescaled.
+void store_tile(const Gemm& g, int64_t tile, int64_t t, const int32_t* acc) {
+  const int64_t m0 = tile * kTileRows, rows = std::min<int64_t>(kTileRows, g.M - m0);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (g.sums) g.sums[t * g.M + m0 + r] = acc[r];
+    else g.out[t * g.M + m0 + r] = rescale(acc[r], g.act_sum[t], g.act_scale[t], g.row_scale[m0 + r]);
+  }
+}
+
 // tiles5: every byte decoded by its lookups, its 4 or 5 codes each paired with its column.
 void gemm_tiles5(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
   const auto& L = kTiles5Lookup.t;
   const int64_t blocks = g.K / kBlock5Cols;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const uint8_t* w = g.tiles + tile * blocks * kBlock5Bytes;
-    const int64_t rows = std::min<int64_t>(kTileRows, g.M - tile * kTileRows);
     for (int64_t t = 0; t < g.n_tokens; ++t) {
       int32_t acc[kTileRows] = {};
       for (int64_t b = 0; b < blocks; ++b) {
@@ -46,14 +54,7 @@ void gemm_tiles5(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
             }
         }
       }
-      const int64_t m0 = tile * kTileRows;
-      for (int r = 0; r < rows; ++r) {
-        if (g.sums) {
-          g.sums[t * g.M + m0 + r] = acc[r];
-        } else {
-          g.out[t * g.M + m0 + r] = rescale(acc[r], g.act_sum[t], g.act_scale[t], g.row_scale[m0 + r]);
-        }
-      }
+      store_tile(g, tile, t, acc);
     }
   }
 }
@@ -63,7 +64,6 @@ void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
   const int64_t chunks = g.K / kChunkCols;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const uint8_t* w = g.tiles + tile * chunks * kChunkBytes;
-    const int64_t rows = std::min<int64_t>(kTileRows, g.M - tile * kTileRows);
     for (int64_t t = 0; t < g.n_tokens; ++t) {
       const int8_t* q = g.q + t * g.K;
       int32_t acc[kTileRows] = {};
@@ -74,14 +74,7 @@ void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
             for (int p = 0; p < 4; ++p)
               acc[r] += ((chunk[4 * r + j] >> (2 * p)) & 3) * q[16 * s + 4 * p + j];
       }
-      const int64_t m0 = tile * kTileRows;
-      for (int r = 0; r < rows; ++r) {
-        if (g.sums) {
-          g.sums[t * g.M + m0 + r] = acc[r];
-        } else {
-          g.out[t * g.M + m0 + r] = rescale(acc[r], g.act_sum[t], g.act_scale[t], g.row_scale[m0 + r]);
-        }
-      }
+      store_tile(g, tile, t, acc);
     }
   }
 }
