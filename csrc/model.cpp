@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -70,8 +71,15 @@ class Model {
     Dh_ = get("head_dim"), V_ = get("vocab");
     eps_ = nb::cast<double>(dims["eps"]), theta_ = nb::cast<double>(dims["theta"]);
     neox_ = nb::cast<bool>(dims["neox"]), relu2_ = nb::cast<bool>(dims["relu2"]);
+    // The step sizes every buffer from these: a file's tensors must fit them, never the reverse.
+    if (D_ < 1 || F_ < 1 || Hq_ < 1 || Hkv_ < 1 || Dh_ < 2 || Dh_ % 2 || V_ < 1 || Hq_ % Hkv_)
+      fail("the model's dimensions are not positive, or heads do not group over KV heads, or head_dim is odd");
+    if (!(eps_ > 0) || !std::isfinite(eps_) || !(theta_ > 0) || !std::isfinite(theta_))
+      fail("the norm epsilon and RoPE theta must be positive and finite");
     if (!ops::weight_type_named(embedding_type, &embedding_type_) || !ops::weight_type_named(head_type, &head_type_))
       fail("unknown embedding or head type");
+    if (D_ % ops::block_elements(embedding_type_) || D_ % ops::block_elements(head_type_))
+      fail("the embedding and head rows must hold whole blocks of their type");
     embedding_ = bytes(embedding, "embedding", V_ * D_, embedding_type_);
     head_ = bytes(head, "head", V_ * D_, head_type_);
     output_norm_ = data_of<float>(output_norm, "output_norm", size_t(D_));
@@ -144,9 +152,15 @@ class Model {
     Layer l{norm("attn_norm", D_), norm("attn_sub_norm", Hq_ * Dh_), norm("ffn_norm", D_), norm("ffn_sub_norm", F_),
             matrix(d["qkv"]), matrix(d["attn_output"]), matrix(d["gate_up"]), matrix(d["ffn_down"])};
     if (!l.attn_norm || !l.ffn_norm) fail("a layer lacks its norms");
-    if (l.qkv.M != (Hq_ + 2 * Hkv_) * Dh_ || l.qkv.K != D_ || l.attn_output.M != D_ || l.gate_up.M != 2 * F_ ||
-        l.ffn_down.M != D_ || l.ffn_down.K != F_)
-      fail("a layer's matrices do not fit the model's dimensions");
+    auto fits = [](const Matrix& w, int64_t M, int64_t K, const char* name) {
+      if (w.M != M || w.K != K)
+        fail(std::string(name) + ": " + checks::dims_str({w.M, w.K}) + " does not fit the model, which needs " +
+             checks::dims_str({M, K}));
+    };
+    fits(l.qkv, (Hq_ + 2 * Hkv_) * Dh_, D_, "qkv");
+    fits(l.attn_output, D_, Hq_ * Dh_, "attn_output");
+    fits(l.gate_up, 2 * F_, D_, "gate_up");
+    fits(l.ffn_down, D_, F_, "ffn_down");
     return l;
   }
 

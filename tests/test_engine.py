@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from tiny_models import relative_error, transformers_logits, write_bitnet
 
+from tritlm import _native
+from tritlm.kernels import TernaryMatrix
 from tritlm.models import export, loader, reference
 from tritlm.runtime import Engine
 
@@ -123,3 +125,23 @@ def test_context_and_token_errors(model):
         engine.forward([(seq, [])])
     with pytest.raises(ValueError, match="kv_type"):
         Engine(config, tensors, kv_type="q4")
+
+
+@pytest.mark.parametrize("key, shape", [("attn_output", (256, 512)), ("attn_output", (256, 2048)),
+                                        ("gate_up", (1024, 512))])
+def test_native_step_refuses_matrices_that_do_not_fit(tmp_path, key, shape):
+    """The C++ step checks every matrix against the model's dimensions itself, whatever Python let
+    through: a matrix with the wrong K would read past the step's activation buffers."""
+    directory = write_bitnet(tmp_path / "hf", "autobitlinear", hidden_size=256, intermediate_size=512)
+    engine = Engine(*loader.load_hf(directory))
+    layers = [dict(vars(layer)) for layer in engine.layers]
+    layers[0][key] = TernaryMatrix(np.ones(shape, np.int8), np.ones(shape[0], np.float32))
+    c = engine.config
+    dims = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
+            "head_dim": c.head_dim, "vocab": c.vocab_size, "eps": c.norm_eps, "theta": c.rope_theta,
+            "neox": True, "relu2": True}
+    args = (engine.embedding.data, engine.embedding.type, engine.head.data, engine.head.type,
+            np.ones(c.hidden_size, np.float32))
+    _native.Model(dims, [dict(vars(layer)) for layer in engine.layers], *args)  # the model as it is builds
+    with pytest.raises(ValueError, match=f"{key}: .* does not fit the model"):
+        _native.Model(dims, layers, *args)
