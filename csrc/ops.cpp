@@ -631,23 +631,18 @@ struct RowQ6_K {
     uint8_t u[256];  // q, unsigned: the head subtracts 32 once per 16 elements (HeadArgs::xsum)
     float scale[16];
     template <class V> void decode(const uint8_t* b) {
-      // 64 codes per vector, in 16-bit lanes (x86 has no byte shifts), masking off what crosses
-      // from the neighbouring byte; qh's 32 bytes feed both halves, shifted by different amounts.
-      using u16x32 = uint16_t __attribute__((vector_size(64)));
+      // 32 codes per vector, in 16-bit lanes (x86 has no byte shifts), masking off what crosses
+      // from the neighbouring byte; qh's 32 bytes feed all four quarters of a half, each shifted
+      // by one amount (a per-lane shift count has no AVX2 instruction: it would run scalar).
       using u16x16 = uint16_t __attribute__((vector_size(32)));
-      const u16x32 first = {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2};
-      const u16x32 second = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2};
       for (int h = 0; h < 2; ++h) {
-        u16x32 lo, out;
-        u16x16 qh;
-        std::memcpy(&lo, b + 64 * h, 64);
+        u16x16 lo0, lo1, qh;
+        std::memcpy(&lo0, b + 64 * h, 32);
+        std::memcpy(&lo1, b + 64 * h + 32, 32);
         std::memcpy(&qh, b + 128 + 32 * h, 32);
-        const u16x32 hi = __builtin_shufflevector(qh, qh, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1,
-                                                  2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        out = (lo & 0x0f0f) | (hi << first & 0x3030);
-        std::memcpy(u + 128 * h, &out, 64);
-        out = (lo >> 4 & 0x0f0f) | (hi >> second & 0x3030);
-        std::memcpy(u + 128 * h + 64, &out, 64);
+        const u16x16 out[4] = {(lo0 & 0x0f0f) | (qh << 4 & 0x3030), (lo1 & 0x0f0f) | (qh << 2 & 0x3030),
+                               (lo0 >> 4 & 0x0f0f) | (qh & 0x3030), (lo1 >> 4 & 0x0f0f) | (qh >> 2 & 0x3030)};
+        std::memcpy(u + 128 * h, out, 128);
       }
       V::store(scale, V::mul(V::set1(RowF16::at(b + 208, 0)), V::load_i8(reinterpret_cast<const int8_t*>(b + 192))));
     }
