@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -118,6 +119,13 @@ class Model {
     return out;
   }
 
+  // Seconds spent in each kind of op since the model was built (`tritlm bench` reports a step's share).
+  nb::dict op_seconds() const {
+    nb::dict d;
+    d["ternary"] = times_.ternary, d["head"] = times_.head, d["attention"] = times_.attention, d["other"] = times_.other;
+    return d;
+  }
+
  private:
   struct Cache {
     uint8_t* base;  // [layers, 2, n_ctx, Hkv, Dh] of f16 or f32
@@ -191,8 +199,24 @@ class Model {
                  [&](int64_t b, int64_t e) { ks.gemm_tiles(g, b, e); });
   }
 
+  struct OpTimes {
+    double ternary = 0, head = 0, attention = 0, other = 0;  // the last: norms, embedding, activation, residuals
+  };
+
+  // Charges the time since the previous lap to one kind of op (~25 ns a lap, ~10 laps a layer).
+  struct Laps {
+    std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+    void operator()(double& total) {
+      const auto now = std::chrono::steady_clock::now();
+      total += std::chrono::duration<double>(now - last).count();
+      last = now;
+    }
+  };
+
   void run(const KernelSet& ks, ops::Isa isa, int nt, int64_t T, const int32_t* ids, const int32_t* positions,
            const std::vector<Cache>& parts, int64_t R, const int64_t* rows, bool hidden, float* result) {
+    Laps lap;
+    OpTimes& tm = times_;
     const int64_t qd = Hq_ * Dh_, kvd = Hkv_ * Dh_, M = qd + 2 * kvd;
     std::vector<float> x(size_t(T * D_)), h(size_t(T * D_)), qkv(size_t(T * M)), q(size_t(T * qd)),
         k(size_t(T * kvd)), v(size_t(T * kvd)), a(size_t(T * qd)), y(size_t(T * std::max(D_, 2 * F_))),
@@ -201,7 +225,9 @@ class Model {
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       ops::rms_norm(isa, x.data(), L.attn_norm, T, D_, eps_, h.data(), nt);
+      lap(tm.other);
       linear(ks, L.qkv, h.data(), T, qkv.data(), nt);
+      lap(tm.ternary);
       for (int64_t t = 0; t < T; ++t) {  // q, k, v are stacked per token
         std::memcpy(&q[t * qd], &qkv[t * M], sizeof(float) * qd);
         std::memcpy(&k[t * kvd], &qkv[t * M + qd], sizeof(float) * kvd);
@@ -221,15 +247,20 @@ class Model {
                           Hq_, Hkv_, Dh_, &a[c.begin * qd]};
         ops::attention(isa, at, nt);
       }
+      lap(tm.attention);
       const float* attn = a.data();
       if (L.attn_sub_norm) {
         ops::rms_norm(isa, a.data(), L.attn_sub_norm, T, qd, eps_, h.data(), nt);
         attn = h.data();
       }
+      lap(tm.other);
       linear(ks, L.attn_output, attn, T, y.data(), nt);
+      lap(tm.ternary);
       for (int64_t i = 0; i < T * D_; ++i) x[i] += y[i];
       ops::rms_norm(isa, x.data(), L.ffn_norm, T, D_, eps_, h.data(), nt);
+      lap(tm.other);
       linear(ks, L.gate_up, h.data(), T, y.data(), nt);
+      lap(tm.ternary);
       for (int64_t t = 0; t < T; ++t)  // gate then up, per token
         ops::gated(isa, &y[t * 2 * F_], &y[t * 2 * F_ + F_], F_, relu2_, &f[t * F_], 1);
       const float* ffn = f.data();
@@ -237,13 +268,17 @@ class Model {
         ops::rms_norm(isa, f.data(), L.ffn_sub_norm, T, F_, eps_, y.data(), nt);
         ffn = y.data();
       }
+      lap(tm.other);
       linear(ks, L.ffn_down, ffn, T, h.data(), nt);
+      lap(tm.ternary);
       for (int64_t i = 0; i < T * D_; ++i) x[i] += h[i];
     }
     std::vector<float> picked(size_t(R * D_)), normed(size_t(R * D_));
     for (int64_t r = 0; r < R; ++r) std::memcpy(&picked[r * D_], &x[rows[r] * D_], sizeof(float) * D_);
     ops::rms_norm(isa, picked.data(), output_norm_, R, D_, eps_, hidden ? result : normed.data(), nt);
+    lap(tm.other);
     if (!hidden) ops::head_matmul(isa, normed.data(), R, D_, head_, V_, head_type_, result, nt);
+    lap(tm.head);
   }
 
   nb::object keep_;  // every array the pointers below point into
@@ -257,6 +292,7 @@ class Model {
   std::vector<int8_t> q_;  // scratch for quantized activations
   std::vector<float> act_scale_;
   std::vector<int32_t> act_sum_;
+  OpTimes times_;
 };
 
 }  // namespace
@@ -267,7 +303,8 @@ void register_model(nb::module_& m) {
            nb::arg("dims"), nb::arg("layers"), nb::arg("embedding"), nb::arg("embedding_type"), nb::arg("head"),
            nb::arg("head_type"), nb::arg("output_norm"))
       .def("forward", &Model::forward, nb::arg("ids"), nb::arg("positions"), nb::arg("bounds"), nb::arg("caches"),
-           nb::arg("rows"), nb::arg("isa"), nb::arg("n_threads"), nb::arg("hidden") = false);
+           nb::arg("rows"), nb::arg("isa"), nb::arg("n_threads"), nb::arg("hidden") = false)
+      .def("op_seconds", &Model::op_seconds);
 }
 
 }  // namespace tritlm

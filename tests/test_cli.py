@@ -61,4 +61,7 @@ def test_bench_model(tmp_path, capsys):
     assert tg["roofline"] == pytest.approx(report["decode_mb_per_token"] * 1e6 * tg["tokens_per_s"]
                                            / (tg["read_gbps"] * 1e9))
     assert report["peak_rss_mb"] > 0 and report["load_seconds"] > 0
+    # where a decode step goes: every kind of op took time, and together no more than the step
+    assert set(tg["step_ms"]) == {"ternary", "head", "attention", "other"} and min(tg["step_ms"].values()) > 0
+    assert sum(tg["step_ms"].values()) <= 1e3 / tg["tokens_per_s"]
     assert main(["bench"]) == 2

@@ -33,16 +33,19 @@ def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 
                      for _ in range(repeats + 1)][1:]  # the first run warms caches and pages
             rows.append(_row(f"pp{p}", n, rates))
         if n_gen:
+            _timed_rate(engine, rng.integers(0, config.vocab_size, n_gen).tolist(), n_gen)  # warm-up
+            before = engine.op_seconds()
             rates = [_timed_rate(engine, rng.integers(0, config.vocab_size, n_gen).tolist(), n_gen)
-                     for _ in range(repeats + 1)][1:]
+                     for _ in range(repeats)]
             row = _row(f"tg{n_gen}", n, rates)
             row["roofline"] = engine.decode_bytes * row["tokens_per_s"] / bandwidth
             row["read_gbps"] = bandwidth / 1e9
+            row["step_ms"] = {op: (t - before[op]) * 1e3 / (repeats * n_gen) for op, t in engine.op_seconds().items()}
             rows.append(row)
     layouts = sorted({m.layout for layer in engine.layers for m in (layer.qkv, layer.attn_output, layer.gate_up,
                                                                       layer.ffn_down)})
     return {"model": str(path), "arch": config.arch, "weight_layout": "+".join(layouts),
-            "decode_mb_per_token": engine.decode_bytes / 1e6,
+            "decode_mb_per_token": engine.decode_bytes / 1e6, "head_mb": engine.head.nbytes / 1e6,
             "load_seconds": load_seconds, "peak_rss_mb": _peak_rss_mb(), "rows": rows}
 
 
@@ -76,6 +79,15 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         roof = f"{r['roofline']:.0%} of {r['read_gbps']:.1f} GB/s" if "roofline" in r else ""
         lines.append(f"| {r['test']} | {r['threads']} | {r['tokens_per_s']:.2f} ± {r['std']:.2f} | {roof} |")
+    steps = [r for r in report["rows"] if "step_ms" in r]
+    if steps:
+        head_bytes = report["head_mb"] / report["decode_mb_per_token"]
+        lines += ["", f"Where a decode step goes, ms per token (share); the head is {head_bytes:.0%} of the bytes read:",
+                  "", "| threads | ternary | head | attention | other |", "|---|---|---|---|---|"]
+        for r in steps:
+            total = sum(r["step_ms"].values())
+            cells = [f"{ms:.2f} ({ms / total:.0%})" for ms in r["step_ms"].values()]
+            lines.append(f"| {r['threads']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

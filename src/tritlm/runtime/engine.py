@@ -147,6 +147,12 @@ class Engine:
                     for m in (layer.qkv, layer.attn_output, layer.gate_up, layer.ffn_down)]
         return sum(m.nbytes for m in matrices) + self.head.nbytes
 
+    def op_seconds(self) -> dict[str, float]:
+        """Seconds the steps so far spent in each kind of op: "ternary" (the ternary matrices and
+        their activation quantization), "head", "attention" (with RoPE and the KV writes) and
+        "other" (norms, embedding, activation, residuals)."""
+        return self._model.op_seconds()
+
     def new_sequence(self, n_ctx: int | None = None) -> Sequence:
         n_ctx = n_ctx or self.n_ctx
         if not 0 < n_ctx <= self.config.context_length:
