@@ -1019,14 +1019,15 @@ void attention(Isa isa, const Attention& a, int n_threads) {
     start[size_t(i) + 1] = start[size_t(i)] + a.positions[i / chunks / a.Hkv] + 1 + 8;  // + per-item overhead
   const int64_t total = start.back();
   const int threads = threads_for(total * a.D * chunk, 1 << 16, std::min<int64_t>(n_threads, n_items));
-  std::vector<int64_t> bounds(size_t(threads) + 1);
-  for (int64_t w = 0, i = 0; w <= threads; ++w) {  // thread w: the items whose midpoint lies in its share
-    while (i < n_items && (start[size_t(i)] + start[size_t(i) + 1]) * threads < 2 * total * w) ++i;
+  const int64_t shares = std::min<int64_t>(n_items, threads == 1 ? 1 : threads * kPiecesPerThread);
+  std::vector<int64_t> bounds(size_t(shares) + 1);
+  for (int64_t w = 0, i = 0; w <= shares; ++w) {  // share w: the items whose midpoint lies in it
+    while (i < n_items && (start[size_t(i)] + start[size_t(i) + 1]) * shares < 2 * total * w) ++i;
     bounds[size_t(w)] = i;
   }
-  bounds[size_t(threads)] = n_items;
+  bounds[size_t(shares)] = n_items;
   const OpTable& ops = ops_for(isa);
-  parallel_for(threads, threads, [&](int64_t b, int64_t e) {
+  parallel_for(threads, shares, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w) ops.attention(args, bounds[size_t(w)], bounds[size_t(w) + 1]);
   });
 }

@@ -15,10 +15,27 @@ static inline void cpu_relax() { _mm_pause(); }
 static inline void cpu_relax() { std::this_thread::yield(); }
 #endif
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+// Sleep while *word == value / wake every sleeper on word (std::atomic::wait is C++20).
+static void futex_wait(std::atomic<int>* word, int value) {
+  syscall(SYS_futex, reinterpret_cast<int*>(word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+}
+static void futex_wake(std::atomic<int>* word) {
+  syscall(SYS_futex, reinterpret_cast<int*>(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+#else
+static void futex_wait(std::atomic<int>*, int) { std::this_thread::yield(); }
+static void futex_wake(std::atomic<int>*) {}
+#endif
+
 namespace tritlm {
 namespace {
 
-constexpr auto kSpin = std::chrono::microseconds(2000);  // then sleep until woken
+constexpr auto kSpin = std::chrono::microseconds(2000);  // a worker's wait for the next call, then sleep
+constexpr int kCallerSpins = 2000;  // ~20-50 us of pauses before the caller sleeps on a late piece
 
 // Work is handed out through one atomic word: call generation (32 bits) | pieces (16) | next
 // piece (16). A claim is a compare-exchange of that word, so a worker that wakes late, after
@@ -39,7 +56,7 @@ class Pool {
       wake_.notify_all();
     }
     claim_pieces();
-    while (done_.load(std::memory_order_acquire) != pieces) cpu_relax();
+    wait_for(pieces);
   }
 
  private:
@@ -55,10 +72,24 @@ class Pool {
       if (next >= pieces) return;
       if (work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
         fn_(ctx_, int(next));
-        done_.fetch_add(1, std::memory_order_release);
+        done_.fetch_add(1, std::memory_order_seq_cst);
+        if (caller_asleep_.load(std::memory_order_seq_cst)) futex_wake(&done_);
         ++w;
       }
     }
+  }
+
+  // Every piece is claimed; wait for those still running elsewhere. A worker that the OS
+  // preempted mid-piece (another process wants the core) may be off the CPU for milliseconds:
+  // after a short spin the caller sleeps, which frees its core for that very worker.
+  void wait_for(int pieces) {
+    for (int spins = 0; spins < kCallerSpins; ++spins) {
+      if (done_.load(std::memory_order_acquire) == pieces) return;
+      cpu_relax();
+    }
+    caller_asleep_.store(true, std::memory_order_seq_cst);
+    for (int d; (d = done_.load(std::memory_order_seq_cst)) != pieces;) futex_wait(&done_, d);
+    caller_asleep_.store(false, std::memory_order_relaxed);
   }
 
   void start_worker() {
@@ -93,7 +124,8 @@ class Pool {
   void* ctx_ = nullptr;
   uint64_t generation_ = 0;  // the caller's alone
   alignas(64) std::atomic<uint64_t> work_{0};
-  alignas(64) std::atomic<int> done_{0};
+  alignas(64) std::atomic<int> done_{0};  // pieces finished in this call
+  std::atomic<bool> caller_asleep_{false};
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
   std::atomic<int> sleepers_{0};

@@ -16,7 +16,7 @@ void run_parallel(int n_threads, int pieces, TaskFn fn, void* ctx);
 // Calls f(begin, end) on contiguous slices of [0, n): kPiecesPerThread per thread, claimed as
 // the threads go, so a thread that the OS preempts (on a machine shared with other work) holds
 // up one small slice while the others take the rest, not half of every op.
-constexpr int kPiecesPerThread = 1;
+constexpr int kPiecesPerThread = 4;
 
 template <class F>
 void parallel_for(int n_threads, int64_t n, const F& f) {
