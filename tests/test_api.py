@@ -129,3 +129,24 @@ def test_cli_conversation(gguf_path, llm, capsys, monkeypatch):
     first = llm.generate(llm.chat_prompt([{"role": "system", "content": "Be brief."},
                                           {"role": "user", "content": "hi"}]), max_tokens=6, temperature=0)
     assert out.splitlines()[0] == first  # the reply to the first turn, in the 2B4T chat format
+
+
+def test_chat_truncates_the_oldest_turns(llm):
+    """A conversation longer than the context keeps its system message and newest turns: as many
+    as fit with room for the reply, and one more turn would not have fitted."""
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": role, "content": f"message number {i} " * 3}
+             for i in range(12) for role in ("user", "assistant")][:-1]
+    with pytest.raises(ValueError, match="context"):
+        llm.create_chat_completion([system, *turns], max_tokens=16)
+    reply = llm.create_chat_completion([system, *turns], max_tokens=16, temperature=0, truncate="oldest")
+    kept, dropped = llm.fit_chat([system, *turns], 16)
+    assert reply["dropped_messages"] == dropped > 0 and kept == [system, *turns[dropped:]]
+    assert kept[1]["role"] == "user"
+    assert len(llm.tokenize(llm.chat_prompt(kept), special=True)) + 16 <= llm.n_ctx
+    one_more = [system, *turns[dropped - 2:]]
+    assert len(llm.tokenize(llm.chat_prompt(one_more), special=True)) + 16 > llm.n_ctx
+    assert reply["choices"][0]["message"]["content"] == llm.create_chat_completion(
+        kept, max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
+    with pytest.raises(ValueError, match="last message"):
+        llm.fit_chat([system, {"role": "user", "content": "word " * 500}], 16)

@@ -1,9 +1,13 @@
 """The `tritlm` command's plumbing (the figures themselves are for people, not asserts)."""
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
+import tritlm
 from tritlm.cli import main
 
 
@@ -65,3 +69,51 @@ def test_bench_model(tmp_path, capsys):
     assert set(tg["step_ms"]) == {"ternary", "head", "attention", "other"} and min(tg["step_ms"].values()) > 0
     assert sum(tg["step_ms"].values()) <= 1e3 / tg["tokens_per_s"]
     assert main(["bench"]) == 2
+
+
+def _tritlm(*args) -> list[str]:
+    return [sys.executable, "-c", "import sys; from tritlm.cli import main; sys.exit(main())", *args]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"tritlm {tritlm.__version__}"
+
+
+def test_unwritable_output_is_one_error_line(tmp_path, capsys):
+    assert main(["dummy", "--preset", "125M", "-o", str(tmp_path / "missing" / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tritlm: error: ") and "No such file or directory" in err and len(err.splitlines()) == 1
+
+
+def test_closed_pipe_ends_quietly():
+    """`tritlm run ... | head -c 5`: the reader leaves early; tritlm exits 0 with nothing on stderr."""
+    proc = subprocess.Popen(_tritlm("run", "-p", "def", "-n", "400", "-temp", "0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(5)) == 5
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
+
+
+def test_chat_outlives_its_context():
+    """20 turns in 512 tokens of context: the oldest turns go, with a notice, and no turn fails."""
+    turns = "".join(f"def function_{i}(x):\n" for i in range(20))
+    proc = subprocess.run(_tritlm("run", "-cnv", "-c", "512", "-n", "48", "-temp", "0"), input=turns.encode(),
+                          capture_output=True, timeout=600)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert err.count("generated:") == 20 and "oldest messages no longer fit" in err and "error" not in err
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat():
+    proc = subprocess.Popen(_tritlm("run", "-cnv", "-c", "512", "-n", "480", "-temp", "0", "-t", "1"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"class Parser:\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(40)  # the reply has started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(b"import os\n", timeout=300)  # a second turn, then end of input
+    assert proc.returncode == 0, err.decode()
+    assert b"[stopped]" in out and err.decode().count("generated:") == 2

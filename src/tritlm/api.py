@@ -103,12 +103,14 @@ class LLM:
                  stop: list[str] | None = None, **sampling) -> str:
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, **sampling))
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):  # a chat prompt may carry its own BOS already
             bos = self._token_text(self.tokenizer.bos_id)
-            ids = self.tokenize(prompt, add_bos=not (bos and prompt.startswith(bos)), special=True)
-        else:
-            ids = list(prompt)
+            return self.tokenize(prompt, add_bos=not (bos and prompt.startswith(bos)), special=True)
+        return list(prompt)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = self._encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.n_ctx:
@@ -182,11 +184,38 @@ class LLM:
                                min_p: float = 0.05, repeat_penalty: float = 1.0,
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                stop: str | list[str] | None = None, seed: int | None = None,
-                               stream: bool = False):
+                               stream: bool = False, truncate: str | None = None):
+        """truncate="oldest": a conversation too long for the context loses its oldest turns
+        (system messages stay), leaving room for max_tokens (default a quarter of the context);
+        the result's "dropped_messages" says how many went. Without it, too long is an error."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, seed=seed)
-        return self._openai(self.chat_prompt(messages), max_tokens, stop, params, stream, chat=True)
+        dropped = 0
+        if truncate == "oldest":
+            messages, dropped = self.fit_chat(messages, max_tokens or self.n_ctx // 4)
+        elif truncate is not None:
+            raise ValueError(f"truncate must be None or 'oldest', got {truncate!r}")
+        result = self._openai(self.chat_prompt(messages), max_tokens, stop, params, stream, chat=True)
+        if not dropped:
+            return result
+        if stream:
+            return ({"dropped_messages": dropped} | chunk for chunk in result)
+        return result | {"dropped_messages": dropped}
+
+    def fit_chat(self, messages: list[dict], reply_tokens: int) -> tuple[list[dict], int]:
+        """The conversation without its oldest turns (a turn: a user message and what answers
+        it), as few as it takes to leave room for a reply of `reply_tokens` in the context; and
+        how many messages went. System messages and the last turn always stay."""
+        kept = list(messages)
+        while len(self._encode(self.chat_prompt(kept))) + reply_tokens > self.n_ctx:
+            first = next((i for i, m in enumerate(kept) if m.get("role") != "system"), len(kept))
+            end = next((i for i in range(first + 1, len(kept)) if kept[i].get("role") == "user"), None)
+            if end is None:
+                raise ValueError(f"the last message and a reply of {reply_tokens} tokens do not fit "
+                                 f"the context of {self.n_ctx} tokens")
+            del kept[first:end]
+        return kept, len(messages) - len(kept)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The prompt text of a conversation, in the model's chat format."""

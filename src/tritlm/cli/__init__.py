@@ -4,8 +4,10 @@ which registers it and sets `func`, the function that runs it."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from .. import __version__
 from . import bench, convert, dummy, info, perplexity, run, serve, train
 
 SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve)
@@ -13,6 +15,7 @@ SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritlm", description="Ternary LLMs on the CPU.")
+    parser.add_argument("--version", action="version", version=f"tritlm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.add_parser(subparsers)
@@ -20,9 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a subcommand. A user's mistake (bad input, a file that can't be read or written)
+    ends in one `tritlm: error:` line, never a traceback; so do Ctrl-C and a closed pipe."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except ValueError as e:
-        print(f"tritlm: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):  # `tritlm run ... | head`: the reader has all it wants
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no flush error at exit)
+            return 0
+        return _error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _error(message) -> int:
+    print(f"tritlm: error: {message}", file=sys.stderr)
+    return 2

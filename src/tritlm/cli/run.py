@@ -10,7 +10,8 @@ def add_parser(subparsers) -> None:
         "run", help="generate text from a prompt, or chat with -cnv",
         description="Generate a continuation of a prompt, printing tokens as they come, then "
                     "the prompt and generation speed. With -cnv, -p is the system prompt and "
-                    "the session is an interactive chat (end it with Ctrl-D or an empty line).")
+                    "the session is an interactive chat: Ctrl-C stops a reply, Ctrl-D or an empty "
+                    "line ends it; the oldest turns are dropped when the chat outgrows the context.")
     p.add_argument("-m", "--model", default=None,
                    help="GGUF file or Hugging Face model directory (default: the tiny model bundled "
                         "with tritlm, trained on Python's standard library)")
@@ -42,20 +43,32 @@ def run(args) -> int:
         report(llm.timings)
         return 0
     messages = [{"role": "system", "content": args.prompt}] if args.prompt else []
+    print(f"Chatting with {llm.model_name} ({llm.n_ctx} tokens of context). Ctrl-C stops a reply; "
+          "Ctrl-D, Ctrl-C or an empty line here exits.", file=sys.stderr)
     while True:
         try:
             user = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
             return 0
         if not user.strip():
             return 0
-        messages.append({"role": "user", "content": user})
+        try:
+            messages, dropped = llm.fit_chat(messages + [{"role": "user", "content": user}], args.n_predict)
+        except ValueError as e:
+            print(f"tritlm: {e}; say something shorter, or start with a larger -c", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"(the {dropped} oldest messages no longer fit the context and were dropped)", file=sys.stderr)
         reply = ""
-        for piece in llm.stream(llm.chat_prompt(messages), max_tokens=args.n_predict, **sampling):
-            print(piece, end="", flush=True)
-            reply += piece
+        try:
+            for piece in llm.stream(llm.chat_prompt(messages), max_tokens=args.n_predict, **sampling):
+                print(piece, end="", flush=True)
+                reply += piece
+        except KeyboardInterrupt:  # stops this reply only; what it said so far stays in the chat
+            print(" [stopped]", end="")
         print()
+        report(llm.timings)
         messages.append({"role": "assistant", "content": reply})
 
 
