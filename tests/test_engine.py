@@ -6,6 +6,7 @@ import pytest
 from tiny_models import relative_error, transformers_logits, write_bitnet
 
 from tritlm import _native
+from tritlm import kernels
 from tritlm.kernels import TernaryMatrix
 from tritlm.models import export, loader, reference
 from tritlm.runtime import Engine
@@ -145,3 +146,12 @@ def test_native_step_refuses_matrices_that_do_not_fit(tmp_path, key, shape):
     _native.Model(dims, [dict(vars(layer)) for layer in engine.layers], *args)  # the model as it is builds
     with pytest.raises(ValueError, match=f"{key}: .* does not fit the model"):
         _native.Model(dims, layers, *args)
+
+
+@pytest.mark.parametrize("load, cores, expected", [(0.0, 2, 2), (0.4, 2, 2), (1.0, 2, 1), (1.6, 2, 1),
+                                                   (7.5, 2, 1), (2.2, 8, 6), (0.0, 1, 1)])
+def test_default_threads_leave_busy_cores_out(monkeypatch, load, cores, expected):
+    """The engine's default: the cores other work leaves idle, by the 1-minute load average."""
+    monkeypatch.setattr(kernels.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(kernels, "default_threads", lambda: cores)
+    assert kernels.idle_cores() == expected

@@ -31,7 +31,7 @@ class LLM:
 
     model_path: a GGUF file or a Hugging Face model directory (default: the bundled tiny model,
     `default_model_path()`). n_ctx: context length (default: the model's, at most 4096).
-    n_threads: default every core. kv_type: "f16" or "f32".
+    n_threads: default every core other work leaves idle (kernels.idle_cores). kv_type: "f16" or "f32".
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int | None = None,

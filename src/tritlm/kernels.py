@@ -38,7 +38,20 @@ def best_layout(isa: str | None = None, k: int = 256) -> str:
 
 
 def default_threads() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def idle_cores() -> int:
+    """The cores this process may run on less those other work keeps busy (the 1-minute load
+    average, rounded), at least one: the engine's default thread count. A thread that waits for
+    a core another process holds stalls every op it shares, so a busy core is better left out."""
+    cores = default_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # (no load average on this system)
+        return cores
+    return max(1, min(cores, round(cores - load)))
 
 
 # Per-token int8 activations, checked once when made: .q [tokens, K], .scale [tokens] and

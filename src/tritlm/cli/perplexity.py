@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
                    help="window length in tokens (default: 512, or the model's context if smaller)")
     p.add_argument("-b", "--batch-size", type=int, default=None,
                    help="tokens per forward pass, a multiple of -c (default: one window)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
     p.set_defaults(func=run)
 
 

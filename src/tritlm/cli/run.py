@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
                         "with tritlm, trained on Python's standard library)")
     p.add_argument("-p", "--prompt", default="", help="prompt (with -cnv: the system prompt)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default 2048, or the model's own if shorter)")
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-p", "--prompt", default=None, help="system prompt for chats that have none")
     p.add_argument("-n", "--n-predict", type=int, default=512,
                    help="max_tokens of requests that give none; -1: until the context is full (default 512)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default: 2048, or the model's if shorter)")
     p.add_argument("--temperature", type=float, default=0.8,

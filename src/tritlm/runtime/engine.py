@@ -105,7 +105,7 @@ class Engine:
         self.kv_dtype = KV_DTYPES[kv_type]
         self.prefill_chunk = prefill_chunk
         self.isa = kernels.default_isa()
-        self.set_threads(n_threads or kernels.default_threads())
+        self.set_threads(n_threads or kernels.idle_cores())
         # Every weight a step streams lives in one huge-page buffer, filled tensor by tensor from
         # the file: a buffer per matrix would round each up to whole 2 MiB pages.
         head = tensors["token_embd" if config.tied_embeddings else "output"]
