@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from tiny_models import relative_error, transformers_logits, write_bitnet
 
-from tritlm import _native
-from tritlm import kernels
+from tritlm import _native, kernels
 from tritlm.kernels import TernaryMatrix
 from tritlm.models import export, loader, reference
 from tritlm.runtime import Engine
