@@ -31,7 +31,7 @@ timeout "${BENCH_TIMEOUT:-120}" python3 -m tritlm bench -m /tmp/2b4t.gguf --devi
   > "$OUT/bench.json" 2> "$OUT/bench.err"
 echo "bench rc=$?"; tail -5 "$OUT/bench.err"
 python3 -c "import json, sys; from tritlm.bench.cuda import markdown; print(markdown(json.load(open(sys.argv[1]))))" \
-  "$OUT/bench.json" | tee "$OUT/bench.md"
+  "$OUT/bench.json"
 stage "tiles"
-timeout "${TILES_TIMEOUT:-80}" python3 benchmarks/cuda_tiles.py 2>&1 | tee "$OUT/tiles.log"
+timeout "${TILES_TIMEOUT:-80}" python3 benchmarks/cuda_tiles.py 2>&1
 stage "done"
