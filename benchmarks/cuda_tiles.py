@@ -13,9 +13,8 @@ from tritlm.bench.cuda import copy_bandwidth, graph_seconds
 from tritlm.cuda import kernels as K
 
 SHAPES = [(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)]
-GEMV_TILES = [(16, 64, 4), (8, 128, 4), (32, 64, 4), (16, 128, 8), (64, 32, 4)]
-GEMM_TILES = {16: [(16, 64, 4), (16, 128, 4), (16, 32, 4)], 64: [(64, 64, 4), (32, 64, 4), (64, 128, 8)],
-              512: [(64, 64, 4), (128, 64, 8), (64, 128, 8)]}
+GEMV_TILES = [(1024, 4), (2048, 4), (4096, 4), (2048, 8), (4096, 8), (1024, 2)]  # (words per program, warps)
+GEMM_TILES = {16: [(16, 32, 4), (16, 32, 2), (16, 64, 4)], 512: [(128, 64, 8), (64, 64, 4), (128, 32, 4)]}
 
 
 def matrices(m, k, n=30):
@@ -30,13 +29,13 @@ def main():
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     for m, k in SHAPES:
         ws = matrices(m, k)
-        for tokens in (1, 16, 64, 512):
+        for tokens in (1, 16, 512):
             x = torch.randn(tokens, k, device="cuda")
             act = K.quantize(x, with_y=tokens == 1)
             out = torch.empty(tokens, m, device="cuda")
             for tile in GEMV_TILES if tokens == 1 else GEMM_TILES[tokens]:
                 if tokens == 1:
-                    K.GEMV_TILE = tile
+                    K.GEMV_WORDS, K.GEMV_WARPS = tile
                 else:
                     K._gemm_tile = lambda t, tile=tile: tile
                 try:

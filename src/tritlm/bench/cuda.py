@@ -12,7 +12,9 @@
   beside torch's bf16 F.linear of the same shape (random weights, as many copies), the GPU
   kernel a user would run instead;
 - bf16 step: the sum over the model's linears and LM head of those bf16 times: a lower bound
-  on a bf16 engine's decode step, against tritlm's whole step (the graph replay).
+  on a bf16 engine's decode step, against tritlm's whole step (the graph replay);
+- kernels x B: device time per kernel of one decode step of B sequences (torch.profiler, the
+  step run without its graph): where the time goes.
 
 Device times come from CUDA graphs replayed between CUDA events (median of the replays), so
 launch gaps do not count.
@@ -112,12 +114,33 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
         report[f"tg_x{b}_tokens_per_s"] = 8 * b / (time.perf_counter() - start)
         del seqs
 
+    report["kernels"] = {f"x{b}": kernel_breakdown(engine, b) for b in (1, max(batches, default=1))}
     report["gemv"] = gemv_rows(engine, bandwidth)
     head = torch.randn(config.vocab_size, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     linears_ms = sum(g["bf16_us"] for g in report["gemv"]) * config.n_layers / 1e3
     report["bf16_step_ms"] = linears_ms + graph_seconds(lambda: F.linear(x, head)) * 1e3
     return report
+
+
+def kernel_breakdown(engine: CudaEngine, batch: int, top: int = 10) -> list[dict]:
+    """Device microseconds per kernel (and copy) of one eager decode step of `batch` sequences."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seqs = [engine.new_sequence(n_ctx=32) for _ in range(batch)]
+    engine.forward([(s, list(range(16))) for s in seqs])
+    graph, engine.cuda_graph = engine.cuda_graph, False
+    try:
+        engine.forward([(s, [1]) for s in seqs])  # compiles anything new
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.forward([(s, [2]) for s in seqs])
+    finally:
+        engine.cuda_graph = graph
+    rows = [{"name": e.key[:60], "us": e.device_time_total, "calls": e.count} for e in prof.key_averages()
+            if e.device_time_total > 0]
+    total = sum(r["us"] for r in rows)
+    rows.sort(key=lambda r: -r["us"])
+    return [{"name": "total", "us": total, "calls": sum(r["calls"] for r in rows)}] + rows[:top]
 
 
 def gemv_rows(engine: CudaEngine, bandwidth: float) -> list[dict]:
@@ -153,6 +176,9 @@ def markdown(r: dict) -> str:
              f"({r['bf16_step_ms'] / r['tg1_device_ms']:.2f}x tritlm's whole step) |"]
     lines += [f"| {key.replace('_tokens_per_s', '')} | {value:.0f} tokens/s |" for key, value in r.items()
               if key.endswith("_tokens_per_s")]
+    for name, rows in r["kernels"].items():
+        lines += ["", f"| kernel (one eager step, {name}) | device us | calls |", "|---|---|---|"]
+        lines += [f"| {k['name']} | {k['us']:.0f} | {k['calls']} |" for k in rows]
     lines += ["", "| matrix | shape | GEMV us | GB/s | of copy | bf16 F.linear us | bf16 GB/s | speedup |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['matrix']} | {g['shape']} | {g['us']:.1f} | {g['gbps']:.0f} | {g['of_copy']:.0%} | "

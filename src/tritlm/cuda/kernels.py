@@ -282,13 +282,22 @@ def _gemm_kernel(q_ptr, scale_ptr, sum_ptr, w_ptr, row_scale_ptr, out_ptr, T, M,
     tl.store(dst, out, mask=mask)
 
 
-# (rows, words per step, warps) of the GEMV (the interpreter runs fewer, larger programs
-# faster); (tokens, rows, warps) of the GEMM by token count
-GEMV_TILE = (128, 64, 4) if INTERPRET else (16, 64, 4)
+# The GEMV is latency-bound unless thousands of warps are in flight: each program takes a few
+# rows whole (up to 512 words of each: one load wave, no loop for K <= 8192), GEMV_WORDS words
+# in all, so a 2560-column matrix runs in M / 8 programs. (The interpreter runs fewer, larger
+# programs faster.)
+GEMV_WORDS, GEMV_WARPS = (1 << 14, 4) if INTERPRET else (2048, 4)
+
+
+def _gemv_tile(kw: int) -> tuple[int, int]:
+    """(rows, words per step) of a program for rows of kw words."""
+    bw = min(triton.next_power_of_2(kw), 512)
+    return max(1, GEMV_WORDS // bw), bw
 
 
 def _gemm_tile(t: int) -> tuple[int, int, int]:
-    return (16, 64, 4) if t <= 16 else (32, 64, 4) if t <= 32 else (64, 64, 4)
+    """(tokens, rows, warps) of a GEMM program, by token count."""
+    return (16, 32, 4) if t <= 16 else (32, 64, 4) if t <= 32 else (64, 64, 4) if t < 256 else (128, 64, 8)
 
 
 def linear(act: Activations, w: Matrix, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
@@ -299,9 +308,9 @@ def linear(act: Activations, w: Matrix, out: torch.Tensor | None = None, accumul
     if out is None:
         out = torch.empty((t, m), dtype=torch.float32, device=act.q.device)
     if t == 1 and act.y is not None:
-        bn, bw, warps = GEMV_TILE
+        bn, bw = _gemv_tile(kw)
         _launch(_gemv_kernel, (triton.cdiv(m, bn), 1), act.y, act.scale, act.sum, w.words, w.scale, out,
-                m, kw, act.q.shape[1], out.stride(0), HAS_RES=accumulate, BN=bn, BW=bw, num_warps=warps)
+                m, kw, act.q.shape[1], out.stride(0), HAS_RES=accumulate, BN=bn, BW=bw, num_warps=GEMV_WARPS)
     else:
         bt, bn, warps = _gemm_tile(t)
         _launch(_gemm_kernel, (triton.cdiv(m, bn), triton.cdiv(t, bt)), act.q, act.scale, act.sum, w.words,
