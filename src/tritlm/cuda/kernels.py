@@ -186,23 +186,19 @@ def _act_launch(x, norm, eps, gated, relu2, float_out, with_y):
     t, width = x.shape
     k = width // 2 if gated else width
     kp = padded_k(k)
-    dev = x.device
-    out = {}
+    empty = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
     if float_out:
-        out["h"] = torch.empty((t, k), dtype=torch.float32, device=dev)
-        q = y = scale = total = out["h"]  # (unused by the kernel)
+        h = empty((t, k), torch.float32)
+        q = y = scale = total = h  # (unused by the kernel)
     else:
-        q = torch.empty((t, kp), dtype=torch.int8, device=dev)
-        y = torch.empty((t, kp), dtype=torch.int32, device=dev) if with_y else q
-        scale = torch.empty(t, dtype=torch.float32, device=dev)
-        total = torch.empty(t, dtype=torch.int32, device=dev)
+        h = x  # (unused by the kernel)
+        q, scale, total = empty((t, kp), torch.int8), empty(t, torch.float32), empty(t, torch.int32)
+        y = empty((t, kp), torch.int32) if with_y else q
     block = triton.next_power_of_2(kp)
-    _launch(_act_kernel, (t,), x, x.stride(0), norm if norm is not None else x, q, y, scale, total,
-            out.get("h", x), k, kp, eps, GATED=gated, RELU2=relu2, HAS_NORM=norm is not None,
-            WITH_Y=with_y, FLOAT_OUT=float_out, BLOCK=block, num_warps=min(16, max(4, block // 512)))
-    if float_out:
-        return out["h"]
-    return Activations(q, y if with_y else None, scale, total)
+    _launch(_act_kernel, (t,), x, x.stride(0), norm if norm is not None else x, q, y, scale, total, h, k, kp, eps,
+            GATED=gated, RELU2=relu2, HAS_NORM=norm is not None, WITH_Y=with_y, FLOAT_OUT=float_out, BLOCK=block,
+            num_warps=min(16, max(4, block // 512)))
+    return h if float_out else Activations(q, y if with_y else None, scale, total)
 
 
 def quantize(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, *,
