@@ -286,6 +286,16 @@ def test_cpu_device_needs_the_interpreter(model, monkeypatch):
         CudaEngine(*model, device="cpu")
 
 
+def test_llm_names_a_device_it_cannot_use():
+    from tritlm import LLM
+
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        LLM(device="tpu")
+    if not GPU:
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            LLM(device="cuda")
+
+
 @gpu_only
 def test_cuda_graph_decode_equals_eager_decode(model):
     config, tensors = model

@@ -4,7 +4,8 @@ Built from the same loaded tensors as the CPU engine. Weights go to the device o
 matrices stacked as on the CPU (q, k, v; gate, up) in the 2-bit "planes" layout of
 `tritlm.cuda.kernels`; the token embedding as float32 (rows looked up exactly); the LM head as
 float16 (the head kernel splits the float32 hidden states into two float16 halves, so only the
-head's own rounding to float16 differs from the CPU: a few 1e-5 of max|logit|). Each sequence's
+head's own rounding to float16 differs from the CPU: none for F16 heads, a few 1e-4 of
+max|logit| for Q8_0 / Q6_K ones). Each sequence's
 KV cache lives on the device; kernels find it through its address, so a step can mix sequences.
 
 One token of one sequence (batch-1 decode) replays a captured CUDA graph: the whole step is one
