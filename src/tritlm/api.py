@@ -26,16 +26,30 @@ def default_model_path() -> str:
     return path
 
 
+def make_engine(config, tensors: dict, device: str = "cpu", **options) -> Engine:
+    """The engine for `device`: "cpu" (the C++ engine) or "cuda" / "cuda:N" (the GPU engine)."""
+    if device == "cpu":
+        return Engine(config, tensors, **options)
+    if device.split(":")[0] == "cuda":
+        from .cuda.engine import CudaEngine
+
+        return CudaEngine(config, tensors, device=device, **options)
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
 class LLM:
     """A ternary model ready to generate.
 
     model_path: a GGUF file or a Hugging Face model directory (default: the bundled tiny model,
     `default_model_path()`). n_ctx: context length (default: the model's, at most 4096).
-    n_threads: default every core other work leaves idle (kernels.idle_cores). kv_type: "f16" or "f32".
+    n_threads: default every core other work leaves idle (kernels.idle_cores). kv_type: "f16" or
+    "f32". device: "cpu", or "cuda" for the GPU engine (`tritlm.cuda`: PyTorch with CUDA and
+    Triton, `pip install 'tritlm[cuda]'`).
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int | None = None,
-                 n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256):
+                 n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256,
+                 device: str = "cpu"):
         if model_path is None:
             model_path = default_model_path()
         config, tensors, metadata = loader.load(model_path)
@@ -45,8 +59,8 @@ class LLM:
         self.metadata = metadata
         self.tokenizer = (Tokenizer.from_hf(model_path) if os.path.isdir(model_path)
                           else Tokenizer.from_gguf(metadata))
-        self.engine = Engine(config, tensors, n_ctx=n_ctx or min(config.context_length, 4096),
-                             n_threads=n_threads, kv_type=kv_type, prefill_chunk=prefill_chunk)
+        self.engine = make_engine(config, tensors, device, n_ctx=n_ctx or min(config.context_length, 4096),
+                                  n_threads=n_threads, kv_type=kv_type, prefill_chunk=prefill_chunk)
         self.n_ctx = self.engine.n_ctx
         self._sequence = self.engine.new_sequence()
         self._cached: list[int] = []  # the tokens whose keys and values the sequence holds

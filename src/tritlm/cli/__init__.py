@@ -13,6 +13,11 @@ from . import bench, convert, dummy, info, perplexity, run, serve, train
 SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve)
 
 
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), or cuda: the GPU engine (pip install 'tritlm[cuda]')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritlm", description="Ternary LLMs on the CPU.")
     parser.add_argument("--version", action="version", version=f"tritlm {__version__}")

@@ -7,6 +7,8 @@ import json
 
 
 def add_parser(subparsers) -> None:
+    from . import add_device_argument
+
     bench = subparsers.add_parser(
         "bench", help="benchmarks: a model (-m), or the kernels",
         description="With -m: prompt processing (pp) and generation (tg) tokens/s of a model, "
@@ -18,6 +20,7 @@ def add_parser(subparsers) -> None:
     bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to generate (default 128; 0: none)")
     bench.add_argument("-t", "--threads", type=int, nargs="+", default=None,
                        help="thread counts (default: every available core)")
+    add_device_argument(bench)
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (default 3)")
     bench.add_argument("-o", "--output", default="md", choices=["md", "json", "csv"], help="output format")
     bench.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
@@ -51,6 +54,8 @@ def run_model(args) -> int:
 
     if not args.model:
         raise ValueError("give a model with -m (or run `tritlm bench kernels`)")
+    if args.device != "cpu":
+        return run_cuda(args)
     threads = args.threads or [default_threads()]
     if min(threads) < 1 or min(args.n_prompt) < 1 or args.n_gen < 0 or args.repetitions < 1:
         raise ValueError("threads, prompt lengths and repetitions must be positive")
@@ -58,6 +63,19 @@ def run_model(args) -> int:
                          repeats=args.repetitions, weight_layout=args.weight_layout)
     print({"md": harness.markdown, "csv": harness.csv, "json": lambda r: json.dumps(r, indent=1)}
           [args.output](report))
+    return 0
+
+
+def run_cuda(args) -> int:
+    from ..cuda import require_cuda
+
+    require_cuda()
+    from ..bench import cuda as harness
+
+    if min(args.n_prompt) < 1 or args.n_gen < 1:
+        raise ValueError("prompt lengths and -n must be positive")
+    report = harness.run(args.model, prompts=args.n_prompt, n_gen=args.n_gen, device=args.device)
+    print(json.dumps(report, indent=1) if args.output == "json" else harness.markdown(report))
     return 0
 
 

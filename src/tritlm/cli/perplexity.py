@@ -6,6 +6,8 @@ import sys
 
 
 def add_parser(subparsers) -> None:
+    from . import add_device_argument
+
     p = subparsers.add_parser(
         "perplexity", help="perplexity of a model on a text file",
         description="Perplexity as llama.cpp's llama-perplexity measures it: the text is cut "
@@ -21,6 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=None,
                    help="tokens per forward pass, a multiple of -c (default: one window)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,7 @@ def run(args) -> int:
         raise ValueError(f"{args.file}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{args.file}: not UTF-8 text") from None
-    llm = LLM(args.model, n_threads=args.threads)
+    llm = LLM(args.model, n_threads=args.threads, device=args.device)
 
     def progress(done, total, ppl):
         print(f"[{done}/{total}] {ppl:.4f}", file=sys.stderr, flush=True)

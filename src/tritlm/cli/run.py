@@ -6,6 +6,8 @@ import sys
 
 
 def add_parser(subparsers) -> None:
+    from . import add_device_argument
+
     p = subparsers.add_parser(
         "run", help="generate text from a prompt, or chat with -cnv",
         description="Generate a continuation of a prompt, printing tokens as they come, then "
@@ -18,6 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-p", "--prompt", default="", help="prompt (with -cnv: the system prompt)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
+    add_device_argument(p)
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default 2048, or the model's own if shorter)")
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
@@ -31,7 +34,8 @@ def run(args) -> int:
 
     if args.n_predict < 1:
         raise ValueError("-n must be at least 1")
-    llm = LLM(args.model, n_ctx=args.ctx_size or _default_ctx(args.model), n_threads=args.threads)
+    llm = LLM(args.model, n_ctx=args.ctx_size or _default_ctx(args.model), n_threads=args.threads,
+              device=args.device)
     sampling = dict(temperature=args.temperature, seed=args.seed)
     if not args.conversation:
         if not args.prompt:

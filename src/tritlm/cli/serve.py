@@ -6,6 +6,8 @@ import sys
 
 
 def add_parser(subparsers) -> None:
+    from . import add_device_argument
+
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
@@ -18,6 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=512,
                    help="max_tokens of requests that give none; -1: until the context is full (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
+    add_device_argument(p)
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default: 2048, or the model's if shorter)")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -52,7 +55,7 @@ def run(args) -> int:
         raise ValueError("-n must be positive, or -1")
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError("--max-batch must be at least 1 and --max-queue at least 0")
-    llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads)
+    llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device)
     ctx = args.ctx_per_slot or args.ctx_size or min(llm.n_ctx, 2048)
     if ctx > llm.n_ctx:
         raise ValueError(f"--ctx-per-slot {ctx} exceeds the context size {llm.n_ctx}")
