@@ -23,6 +23,8 @@ def test_dummy_model_loads_and_generates(tmp_path, ternary_type, embedding_type)
         assert f.tensors["blk.1.ffn_down.weight"].type_name == ternary_type
         assert f.tensors["blk.1.ffn_down.weight"].shape == (256, 512)
         assert f.tensors["token_embd.weight"].type_name == embedding_type
+        # llama.h's file type, as bitnet.cpp's llama-quantize writes it into the published 2B4T file
+        assert f.metadata["general.file_type"] == {"I2_S": 40, "TQ2_0": 37, "TQ1_0": 36}[ternary_type]
         assert np.isfinite(f.tensor_array("token_embd.weight")).all()
     llm = LLM(path, n_ctx=64)
     assert llm.config == dataclasses.replace(TINY, norm_eps=float(np.float32(TINY.norm_eps)))  # GGUF keeps f32

@@ -49,6 +49,7 @@ def test_written_gguf_matches_transformers(hf_model, tmp_path):
     export.write_gguf_model(path, config, tensors, ternary_type="I2_S", embedding_type="F16")
     config2, tensors2, metadata = loader.load_gguf(path)
     assert metadata["general.architecture"] == config.arch
+    assert metadata["general.file_type"] == 40  # bitnet.cpp's LLAMA_FTYPE_MOSTLY_I2_S
     assert config2.rope_style == ("norm" if config.family == "llama" else "neox")
     assert relative_error(reference.forward(config2, tensors2, TOKENS), expected) < 1e-3
 
@@ -61,6 +62,7 @@ def test_llama_cpp_types_read_back_by_gguf_package(tmp_path, ternary_type):
     export.write_gguf_model(path, config, tensors, ternary_type=ternary_type)
     _, ours, _ = loader.load_gguf(path)
     reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[f"MOSTLY_{ternary_type}"]
     checked = 0
     for t in reader.tensors:
         stem = t.name.removesuffix(".weight")

@@ -75,7 +75,7 @@ def test_markdown_table(vs):
 def test_failure_explained(vs):
     log = ("loading\ngguf_init_from_reader: tensor 'blk.0.attn_q.weight' of type 36 ... not a multiple of "
            "block size\nend")
-    text = vs.explain_failure(log)
+    text = vs._peers.explain_failure(log)
     assert text.splitlines()[1].strip().startswith("gguf_init_from_reader: tensor 'blk.0.attn_q.weight'")
     assert text.rstrip().endswith("end")
 

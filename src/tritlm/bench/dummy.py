@@ -103,7 +103,8 @@ def write_dummy(path, preset: str | ModelConfig = "2B4T", *, arch: str = "bitnet
                             lambda shape=shape: pack(random_ternary(shape, rng), np.float32(0.02))))
         for name, n in norms.items():
             tensors.append((f"blk.{i}.{name}.weight", TensorType.F32, (n,), lambda n=n: np.ones(n, np.float32)))
-    metadata = model_metadata(config, f"dummy-{c.hidden_size}x{c.n_layers}") | dummy_tokenizer_metadata(c.vocab_size)
+    metadata = (model_metadata(config, ternary_type, f"dummy-{c.hidden_size}x{c.n_layers}")
+                | dummy_tokenizer_metadata(c.vocab_size))
     with GGUFWriter(path, metadata) as writer:
         for name, type_id, shape, _ in tensors:
             writer.add_tensor_info(name, type_id, shape)

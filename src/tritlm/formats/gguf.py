@@ -64,6 +64,9 @@ _BLOCKS = {TensorType.F32: (1, 4), TensorType.F16: (1, 2), TensorType.BF16: (1, 
            TensorType.TQ2_0: (256, 66), TensorType.I2_S: (128, 32)}
 I2S_TAIL = 32  # I2_S: after the 2-bit codes, one 32-byte tail (its first 4 bytes: the f32 scale)
 _LOOKUP_TABLE_TYPES = {38: "TL1", 39: "TL2", 42: "TL2"}  # bitnet.cpp; 39 is MXFP4 upstream
+# general.file_type of a file whose matrices are mostly this ternary type (llama.h llama_ftype;
+# 40 is bitnet.cpp's): without it llama.cpp and bitnet.cpp print the type as "guessed"
+FILE_TYPES = {"TQ1_0": 36, "TQ2_0": 37, "I2_S": 40}
 
 _NUMBERS = {ValueType.UINT8: "u1", ValueType.INT8: "i1", ValueType.UINT16: "<u2",
             ValueType.INT16: "<i2", ValueType.UINT32: "<u4", ValueType.INT32: "<i4",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..formats.gguf import GGUFValue, GGUFWriter, TensorType, ValueType
+from ..formats.gguf import FILE_TYPES, GGUFValue, GGUFWriter, TensorType, ValueType
 from ..quant import blocks, layouts
 from .config import ModelConfig
 from .loader import FloatMatrix, TernaryTensor
@@ -22,13 +22,14 @@ def permute_for_norm_rope(t: TernaryTensor, n_heads: int) -> TernaryTensor:
     return TernaryTensor(t.ternary[order], t.scale[order])
 
 
-def model_metadata(config: ModelConfig, name: str = "") -> dict:
+def model_metadata(config: ModelConfig, ternary_type: str, name: str = "") -> dict:
     a = config.arch
     u32 = lambda v: GGUFValue(int(v), ValueType.UINT32)  # noqa: E731  (llama.cpp reads these as uint32)
     f32 = lambda v: GGUFValue(float(v), ValueType.FLOAT32)  # noqa: E731
     return {
         "general.architecture": a,
         "general.name": name or a,
+        "general.file_type": u32(FILE_TYPES[ternary_type]),
         f"{a}.vocab_size": u32(config.vocab_size),
         f"{a}.context_length": u32(config.context_length),
         f"{a}.embedding_length": u32(config.hidden_size),
@@ -65,7 +66,7 @@ def write_gguf_model(path, config: ModelConfig, tensors: dict, *, ternary_type: 
         array = np.ascontiguousarray(t, dtype=np.float32)
         return TensorType.F32, array.shape, lambda: array.view(np.uint8).reshape(-1)
 
-    metadata = model_metadata(config) | (extra_metadata or {})
+    metadata = model_metadata(config, ternary_type) | (extra_metadata or {})
     entries = [(f"{name}.weight", *encode(name, t)) for name, t in tensors.items()]
     with GGUFWriter(path, metadata) as writer:
         for name, type_id, shape, _ in entries:
