@@ -1,8 +1,11 @@
 """tritlm.chat: the 2B4T format against FORMATS.md, Jinja templates against transformers'
 apply_chat_template, the sandbox, and message validation."""
 
+import time
+
 import pytest
 
+from tritlm import chat
 from tritlm.chat import ChatTemplateError, format_chat, recognise_bitnet_2b4t
 
 CONVERSATION = [
@@ -160,6 +163,62 @@ def test_sandbox_escape_raises(tmp_path, template):
     with pytest.raises(ValueError):
         format_chat(CONVERSATION, template.replace("{marker}", str(marker)), bos_token="<s>")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- limits
+# A template comes from a model file: whatever it does, rendering it ends soon, in bounded
+# memory, with a ChatTemplateError (a ValueError) when it goes too far.
+
+STEPS = "more than 20000 steps"
+CHARS = "makes more than"
+LIMITS = {
+    "nested range": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                     "{% endfor %}", STEPS),
+    "nested loop over text": ("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}"
+                              "{% endfor %}{% endfor %}", STEPS),
+    "huge range": ("{{ range(10**9) | list | length }}", "MAX_RANGE"),
+    "exponential macro": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
+                          "{% endmacro %}{{ f(60) }}", STEPS),
+    "endless macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    "string repetition": ("{{ 'x' * 10**9 }}", CHARS),
+    "list repetition": ("{{ ([1] * 10**9) | length }}", CHARS),
+    "integer power": ("{{ 10 ** 100000 }}", "bits"),
+    "format width": ("{{ '{:>1000000000}'.format('x') }}", CHARS),
+    "percent width": ("{{ '%.1000000000f' % 1.0 }}", CHARS),
+    "center": ("{{ 'x' | center(10**9) }}", CHARS),
+    "replace": ("{% set s = 'x' * 100000 %}{{ s | replace('', s) }}", CHARS),
+    "join": ("{{ range(100000) | join('x' * 100000) }}", CHARS),
+    "doubling": ("{% set ns = namespace(s='x') %}{% for i in range(60) %}"
+                 "{% set ns.s = ns.s ~ ns.s %}{% endfor %}", CHARS),
+    "doubling a block": ("{% set ns = namespace(s='xx') %}{% for i in range(60) %}{% set b %}"
+                         "{{ ns.s }}{{ ns.s }}{% endset %}{% set ns.s = b %}{% endfor %}", CHARS),
+    "doubling a list": ("{% set ns = namespace(l=[1]) %}{% for i in range(80) %}"
+                        "{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}", CHARS),
+    "text in a loop": ("{% for i in range(100000) %}" + "y" * 100000 + "{% endfor %}", CHARS),
+    "include": ("{% include 'other.jinja' %}", "cannot include, import or extend"),
+    "import": ("{% import 'other.jinja' as other %}", "cannot include, import or extend"),
+    "from import": ("{% from 'other.jinja' import f %}", "cannot include, import or extend"),
+    "extends": ("{% extends 'other.jinja' %}", "cannot include, import or extend"),
+    "raises": ("{{ raise_exception('no tools here') }}", "no tools here"),
+    "fails": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "deep nesting": ("{% if 1 %}" * 5000 + "{% endif %}" * 5000, "does not compile"),
+}
+
+
+@pytest.mark.parametrize("template, match", LIMITS.values(), ids=LIMITS.keys())
+def test_template_limits(monkeypatch, template, match):
+    monkeypatch.setattr(chat, "MAX_STEPS", 20000)  # (quicker to reach than the 1000000 default)
+    with pytest.raises(ChatTemplateError, match=match):
+        format_chat(CONVERSATION, template)
+
+
+def test_template_time_limit(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_SECONDS", 0.2)
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="took more than 0.2 s"):
+        format_chat(CONVERSATION, "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                  "{% endfor %}{% endfor %}")
+    assert time.monotonic() - start < 2
 
 
 # ---------------------------------------------------------------------- validation

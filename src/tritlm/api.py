@@ -57,8 +57,7 @@ class LLM:
         self.model_name = os.path.basename(self.model_path.rstrip("/"))
         self.config = config
         self.metadata = metadata
-        self.tokenizer = (Tokenizer.from_hf(model_path) if os.path.isdir(model_path)
-                          else Tokenizer.from_gguf(metadata))
+        self.tokenizer = Tokenizer.of_model(model_path, metadata, config.vocab_size)
         self.engine = make_engine(config, tensors, device, n_ctx=n_ctx or min(config.context_length, 4096),
                                   n_threads=n_threads, kv_type=kv_type, prefill_chunk=prefill_chunk)
         self.n_ctx = self.engine.n_ctx

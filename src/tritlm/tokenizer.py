@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .models.config import MAX_SIZE, checked, is_kind, short
 
 __all__ = ["Tokenizer", "IncrementalDecoder", "PRE_TOKENIZERS"]
 
@@ -55,6 +58,7 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 _EOT_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|eom_id|>",
               "<end_of_turn>")
 _SPACE = "\u2581"  # SentencePiece's visible space
+MAX_MERGED = 256  # characters: the longest SentencePiece piece made by merges
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -71,10 +75,6 @@ def _bytelevel_table() -> dict[str, int]:
 _BYTELEVEL = _bytelevel_table()
 
 
-def _text(x) -> str:
-    return x.decode("utf-8", "surrogateescape") if isinstance(x, (bytes, bytearray)) else str(x)
-
-
 def _utf8(token: str) -> bytes:
     # GGUF readers keep stray non-UTF-8 bytes of a token as surrogate escapes: give them back
     return token.encode("utf-8", "surrogateescape")
@@ -89,11 +89,31 @@ def _valid(token: str) -> str:
         return _utf8(token).decode("utf-8", "replace")
 
 
+def _value(md: Mapping, key: str, kind: type, default=None, where: str = ""):
+    """md[key], which must be a `kind` (see `checked`); `default` when absent. `where`: the file,
+    for the error message."""
+    value = md.get(key)
+    return default if value is None else checked(value, kind, f"{where}{key}")
+
+
+def _array(md: Mapping, key: str, kind: type, where: str = "") -> list | None:
+    """md[key] as a list of `kind`s, or None when absent."""
+    value = md.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (tuple, np.ndarray)) and np.ndim(value) == 1:
+        value = list(value) if isinstance(value, tuple) else value.tolist()
+    items = checked(value, list, f"{where}{key}")
+    for item in items:
+        if not is_kind(item, kind):
+            checked(item, kind, f"every item of {where}{key}")  # raises, naming the key
+    return items
+
+
 def _opt_id(md: Mapping, key: str, n: int) -> int | None:
-    v = md.get(key)
+    v = _value(md, key, int)
     if v is None:
         return None
-    v = int(v)
     if not 0 <= v < 2**31 - 1:  # converters write -1 or 0xFFFFFFFF for "none"
         return None
     if v >= n:
@@ -101,10 +121,32 @@ def _opt_id(md: Mapping, key: str, n: int) -> int | None:
     return v
 
 
-def _merge(entry) -> tuple[str, str]:
-    pair = tuple(_valid(_text(entry)).split(" "))
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _parse_json(text: str, path: Path) -> dict:
+    """The JSON object `text`, read from `path`."""
+    try:
+        return checked(json.loads(text), dict, str(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`, {} when there is no such file."""
+    return _parse_json(_read_text(path), path) if path.is_file() else {}
+
+
+def _merge(entry: str) -> tuple[str, str]:
+    pair = tuple(_valid(entry).split(" "))
     if len(pair) != 2 or not all(pair):
-        raise ValueError(f"tokenizer.ggml.merges entry {entry!r} is not two tokens "
+        raise ValueError(f"tokenizer.ggml.merges entry {short(entry)} is not two tokens "
                          "separated by one space")
     return pair
 
@@ -119,13 +161,17 @@ def _bpe(vocab, merges, **kw) -> _HFTokenizer:
 def _spm_merges(tokens: list[str], types: list[int], scores) -> list[tuple[str, str]]:
     """Merges for a SentencePiece BPE vocabulary: (l, r) when l, r, l+r are normal pieces,
     highest score of l+r first. Equal scores (converters that write -1000 for every piece) fall
-    back to vocabulary order, which SentencePiece BPE models are sorted in."""
+    back to vocabulary order, which SentencePiece BPE models are sorted in. Pieces longer than
+    MAX_MERGED (none in real vocabularies) are left unmerged: splitting each costs its length
+    squared, which a hostile file could make hours."""
     ids: dict[str, int] = {}
     for i, t in enumerate(tokens):
         if types[i] == NORMAL:
             ids.setdefault(t, i)
     found = []
     for piece, i in ids.items():
+        if len(piece) > MAX_MERGED:
+            continue
         score = float(scores[i]) if scores is not None else 0.0
         for k in range(1, len(piece)):
             left, right = piece[:k], piece[k:]
@@ -193,35 +239,44 @@ class Tokenizer:
     # ----------------------------------------------------------------------------- builders
 
     @classmethod
+    def of_model(cls, path, metadata: Mapping, vocab_size: int) -> Tokenizer:
+        """The tokenizer of a model `tritlm.models.loader.load` has loaded: from its Hugging Face
+        files if `path` is a directory, else from its GGUF `metadata`, whose token list has
+        exactly vocab_size tokens (`loader.gguf_config` checks it)."""
+        if Path(path).is_dir():
+            return cls.from_hf(path, vocab_size)
+        return cls.from_gguf(metadata)
+
+    @classmethod
     def from_gguf(cls, metadata: Mapping) -> Tokenizer:
         """From the key/value metadata of a GGUF file (``tokenizer.ggml.*``)."""
         md = metadata
-        model = _text(md.get("tokenizer.ggml.model", ""))
-        if "tokenizer.ggml.tokens" not in md:
+        model = _value(md, "tokenizer.ggml.model", str, "")
+        tokens = _array(md, "tokenizer.ggml.tokens", str)
+        if tokens is None:
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
-        tokens = [_text(t) for t in md["tokenizer.ggml.tokens"]]
         n = len(tokens)
-        types = md.get("tokenizer.ggml.token_type")
-        types = [NORMAL] * n if types is None else [int(t) for t in types]
+        types = _array(md, "tokenizer.ggml.token_type", int)
+        types = [NORMAL] * n if types is None else types
         if len(types) != n:
             raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
         names = [_valid(t) for t in tokens]  # the spelling handed to `tokenizers`
         vocab: dict[str, int] = {}
         for i, t in enumerate(names):
             vocab.setdefault(t, i)
-        pre = md.get("tokenizer.ggml.pre")
-        pre = None if pre is None else _text(pre)
+        pre = _value(md, "tokenizer.ggml.pre", str)
 
         if model == "gpt2":
             if pre is None:  # the official 2B4T file has no pre key and needs Llama-3's regex
                 pre = "llama3"
             if pre not in PRE_TOKENIZERS:
-                raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r}; tritlm supports "
+                raise ValueError(f"unsupported tokenizer.ggml.pre {short(pre)}; tritlm supports "
                                  f"{', '.join(sorted(PRE_TOKENIZERS))} (or the key absent)")
             regexes, ignore_merges = PRE_TOKENIZERS[pre]
-            if "tokenizer.ggml.merges" not in md:
+            merges = _array(md, "tokenizer.ggml.merges", str)
+            if merges is None:
                 raise ValueError("a gpt2 (BPE) vocabulary needs tokenizer.ggml.merges")
-            merges = [_merge(m) for m in md["tokenizer.ggml.merges"]]
+            merges = [_merge(m) for m in merges]
             hf = _bpe(vocab, merges, ignore_merges=ignore_merges)
             hf.pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Split(Regex(r), "isolated") for r in regexes]
@@ -230,9 +285,12 @@ class Tokenizer:
             text_kind, space_prefix = "bytelevel", False
             add_bos_default = ignore_merges  # llama.cpp turns both on for its Llama-3 group
         elif model == "llama":
-            space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+            space_prefix = _value(md, "tokenizer.ggml.add_space_prefix", bool, True)
             unk = _opt_id(md, "tokenizer.ggml.unknown_token_id", n)
-            merges = _spm_merges(names, types, md.get("tokenizer.ggml.scores"))
+            scores = _array(md, "tokenizer.ggml.scores", float)
+            if scores is not None and (len(scores) != n or any(map(math.isnan, scores))):
+                raise ValueError(f"tokenizer.ggml.scores must be {n} numbers, one per token")
+            merges = _spm_merges(names, types, scores)
             hf = _bpe(vocab, merges, unk_token=None if unk is None else names[unk],
                       fuse_unk=True, byte_fallback=BYTE in types)
             # Prepend is a normalizer, so it runs on every stretch between added tokens: that
@@ -244,7 +302,7 @@ class Tokenizer:
                 + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
             text_kind, add_bos_default = "spm", True
         else:
-            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}; tritlm reads 'gpt2' "
+            raise ValueError(f"unsupported tokenizer.ggml.model {short(model)}; tritlm reads 'gpt2' "
                              "(byte-level BPE) and 'llama' (SentencePiece BPE)")
 
         # control and unknown tokens are special (matched in text only when asked); user-defined
@@ -256,47 +314,67 @@ class Tokenizer:
         # unused slots (converters' [PAD123] fillers) decode to nothing, as in llama.cpp
         kinds = [("byte" if t == BYTE and _BYTE_PIECE.fullmatch(tok) else text_kind if t == NORMAL
                   else "void" if t == UNUSED else "raw") for tok, t in zip(tokens, types)]
-        add_bos = md.get("tokenizer.ggml.add_bos_token")
-        template = md.get("tokenizer.chat_template")
+        add_bos = _value(md, "tokenizer.ggml.add_bos_token", bool)
         return cls(hf, tokens, kinds,
                    special=[i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)],
                    bos_id=_opt_id(md, "tokenizer.ggml.bos_token_id", n),
                    eos_id=_opt_id(md, "tokenizer.ggml.eos_token_id", n),
-                   add_bos=add_bos_default if add_bos is None else bool(add_bos),
-                   add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)),
+                   add_bos=add_bos_default if add_bos is None else add_bos,
+                   add_eos=_value(md, "tokenizer.ggml.add_eos_token", bool, False),
                    strip_space=space_prefix,
-                   chat_template=None if template is None else _text(template),
+                   chat_template=_value(md, "tokenizer.chat_template", str),
                    extra_eot=[i for k in ("eot", "eom")
                               if (i := _opt_id(md, f"tokenizer.ggml.{k}_token_id", n)) is not None])
 
     @classmethod
-    def from_hf(cls, directory: str | Path) -> Tokenizer:
+    def from_hf(cls, directory: str | Path, vocab_size: int = MAX_SIZE) -> Tokenizer:
         """From a Hugging Face directory: tokenizer.json plus tokenizer_config.json,
-        special_tokens_map.json, generation_config.json and chat_template.jinja if present."""
+        special_tokens_map.json, generation_config.json and chat_template.jinja if present.
+        Every token id must be below `vocab_size` (the model's)."""
         d = Path(directory)
-        if not (d / "tokenizer.json").is_file():
+        path = d / "tokenizer.json"
+        if not path.is_file():
             raise ValueError(f"{d} has no tokenizer.json")
-        spec = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
-        hf = _HFTokenizer.from_file(str(d / "tokenizer.json"))
+        text = _read_text(path)
+        spec = _parse_json(text, path)
+        # decoding takes each token's bytes; these would add text to them, or make encoding random
+        model = spec.get("model")
+        odd = [k for k in ("continuing_subword_prefix", "end_of_word_suffix", "dropout")
+               if isinstance(model, dict) and model.get(k)]
+        if odd:
+            raise ValueError(f"{path}: model.{odd[0]} is not supported")
+        try:
+            hf = _HFTokenizer.from_str(text)
+        except BaseException as e:  # a bare Exception, or a Rust panic (pyo3's PanicException)
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise ValueError(f"{path}: not a tokenizer the tokenizers library can read ({e})") from None
 
         def load(name):
-            p = d / name
-            return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+            return _read_json(d / name)
         cfg, smap, gen = load("tokenizer_config.json"), load("special_tokens_map.json"), \
             load("generation_config.json")
 
         def special_id(name):
-            v = cfg.get(name) or smap.get(name)
+            file, v = "tokenizer_config.json", cfg.get(name)
+            if not v:
+                file, v = "special_tokens_map.json", smap.get(name)
             v = v.get("content") if isinstance(v, dict) else v
-            return None if v is None else hf.token_to_id(v)
+            if v is None:
+                return None
+            token_id = hf.token_to_id(checked(v, str, f"{d / file}: {name}"))
+            if token_id is None:
+                raise ValueError(f"{d / file}: {name} {short(v)} is not in the vocabulary")
+            return token_id
         bos_id, eos_id = special_id("bos_token"), special_id("eos_token")
 
         # the BOS/EOS the model adds: tokenizer_config's flags, else what the post-processor does
         probe = hf.encode("a", add_special_tokens=True).ids
-        add_bos = cfg.get("add_bos_token")
+        flag = lambda key: _value(cfg, key, bool, where=f"{d / 'tokenizer_config.json'}: ")  # noqa: E731
+        add_bos = flag("add_bos_token")
         if add_bos is None:
             add_bos = bos_id is not None and len(probe) > 1 and probe[0] == bos_id
-        add_eos = cfg.get("add_eos_token")
+        add_eos = flag("add_eos_token")
         if add_eos is None:
             add_eos = eos_id is not None and len(probe) > 1 and probe[-1] == eos_id
 
@@ -319,9 +397,15 @@ class Tokenizer:
                              f"{(dec or {}).get('type')!r}; tritlm decodes byte-level BPE and "
                              "SentencePiece-style vocabularies")
 
+        ids = hf.get_vocab(with_added_tokens=False).values()
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: model.vocab gives two tokens the same id")
         n = hf.get_vocab_size(with_added_tokens=True)
         added = hf.get_added_tokens_decoder()
         n = max(n, max(added, default=-1) + 1)
+        if n > vocab_size:
+            raise ValueError(f"{path}: token ids up to {n - 1}, beyond the model's vocabulary "
+                             f"of {vocab_size}")
         tokens = [hf.id_to_token(i) for i in range(n)]
         byte_fallback = bool(spec.get("model", {}).get("byte_fallback"))
 
@@ -333,20 +417,23 @@ class Tokenizer:
             return text_kind
         kinds = [kind(i, t) for i, t in enumerate(tokens)]
 
+        where = f"{d / 'tokenizer_config.json'}: chat_template"
         template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in template}
+        if isinstance(template, list):  # named templates: {"name": ..., "template": ...}; the default one
+            named = {checked(t, dict, where).get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
         if template is None and (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+            template = _read_text(d / "chat_template.jinja")
         if template is None:
+            where = f"{d / 'chat_template.json'}: chat_template"
             template = load("chat_template.json").get("chat_template")
 
-        gen_eos = gen.get("eos_token_id")
-        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or ())
+        gen_eos = gen.get("eos_token_id")  # one id or a list of them
+        gen_eos = [gen_eos] if is_kind(gen_eos, int) else \
+            _array(gen, "eos_token_id", int, f"{d / 'generation_config.json'}: ") or []
         return cls(hf, tokens, kinds, special=[i for i, a in added.items() if a.special],
-                   bos_id=bos_id, eos_id=eos_id, add_bos=bool(add_bos), add_eos=bool(add_eos),
-                   strip_space=strip, chat_template=template,
+                   bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, add_eos=add_eos,
+                   strip_space=strip, chat_template=None if template is None else checked(template, str, where),
                    extra_eot=[i for i in gen_eos if 0 <= i < n])
 
     # ----------------------------------------------------------------------------- encoding

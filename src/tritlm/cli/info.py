@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -22,6 +23,7 @@ def run(args) -> int:
     from ..formats.gguf import GGUFFile
     from ..formats.hf import HFCheckpoint, is_hf_directory
     from ..models import loader
+    from ..tokenizer import Tokenizer
 
     if is_hf_directory(args.model):
         ckpt = HFCheckpoint(args.model)
@@ -48,10 +50,12 @@ def run(args) -> int:
     print("\nintegrity:", end=" ")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            config, _, _ = loader.load(args.model)
+        try:  # what tritlm.LLM loads: the configuration, every tensor's shape, the tokenizer
+            config, _, metadata = loader.load(args.model)
+            Tokenizer.of_model(args.model, metadata, config.vocab_size)
         except ValueError as e:
-            print(f"FAILED: {e}")
+            print("FAILED", flush=True)
+            print(f"tritlm: error: {e}", file=sys.stderr)
             return 1
     for w in caught:
         print(f"\n  WARNING: {w.message}", end="")

@@ -1,7 +1,9 @@
-"""What distinguishes one ternary architecture from another, in one record."""
+"""What distinguishes one ternary architecture from another, in one record, checked when made."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 # GGUF architecture names tritlm runs, and the family each belongs to
@@ -12,13 +14,60 @@ ARCHITECTURES = {
     "llama": "llama",  # Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E
 }
 
+# The largest size (tokens, width, layers, context, heads x head_dim) a configuration may have:
+# far above any model, and small enough that the sizes computed from them stay exact and cheap.
+MAX_SIZE = 1 << 24
+
 
 def family_of(arch: str) -> str:
-    try:
-        return ARCHITECTURES[arch]
-    except KeyError:
-        raise ValueError(f"unsupported architecture {arch!r}; supported: "
-                         f"{', '.join(ARCHITECTURES)}") from None
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {short(arch)}; supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def activation_of(arch: str) -> str:
+    """The FFN gate: relu(gate)^2 * up for BitNet b1.58 2B4T, silu(gate) * up otherwise."""
+    return "relu2" if family_of(arch) == "bitnet-b1.58" else "silu"
+
+
+def short(value) -> str:
+    """repr(value), cut short: values in messages come from model files, which can be huge."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a mapping (JSON object)"}
+
+
+def is_kind(value, kind: type) -> bool:
+    """Whether `value` is a `kind` as JSON and GGUF metadata mean it: an int is a number too,
+    a bool is neither."""
+    if kind in (int, float):
+        base = numbers.Integral if kind is int else numbers.Real
+        return isinstance(value, base) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def checked(value, kind: type, what: str):
+    """`value` if it is a `kind` (int, float, str, bool, list or dict), else a ValueError that
+    names `what` (the file and the key). Numbers come back as plain int / float."""
+    if not is_kind(value, kind):
+        raise ValueError(f"{what} must be {_KIND_NAMES[kind]}, not {type(value).__name__} {short(value)}")
+    return float(value) if kind is float else int(value) if kind is int else value
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
+         "context_length", "head_dim")
+
+
+class ConfigError(ValueError):
+    """A ModelConfig field of the wrong type or out of range. `field`, `value` and `problem` let a
+    loader name the field as its own file spells it."""
+
+    def __init__(self, field: str, value, problem: str):
+        super().__init__(f"{field} = {short(value)}: {problem}")
+        self.field, self.value, self.problem = field, value, problem
 
 
 @dataclass(frozen=True)
@@ -40,12 +89,46 @@ class ModelConfig:
 
     def __post_init__(self):
         family_of(self.arch)
+        # every size is checked before anything is sized by it
+        for name in SIZES:
+            self._size(name, lowest=0 if name == "head_dim" else 1)
         if not self.head_dim:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
-        if self.rope_style not in ("neox", "norm"):
-            raise ValueError(f"rope_style must be 'neox' or 'norm', got {self.rope_style!r}")
+            self._set("head_dim", self.hidden_size // self.n_heads)
+            if not self.head_dim:
+                raise ConfigError("n_heads", self.n_heads, f"more heads than hidden_size {self.hidden_size}")
+        if self.head_dim % 2:
+            raise ConfigError("head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
+        if self.n_heads * self.head_dim > MAX_SIZE:
+            raise ConfigError("n_heads", self.n_heads, f"times head_dim {self.head_dim} is over {MAX_SIZE}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{self.n_heads} query heads do not group over {self.n_kv_heads} KV heads")
+            raise ConfigError("n_kv_heads", self.n_kv_heads,
+                              f"{self.n_heads} query heads do not group over {self.n_kv_heads} KV heads")
+        # RoPE frequencies are theta^(-2i/d): theta <= 1 would make them grow, not fall
+        self._number("rope_theta", lambda x: x > 1, "must be a finite number above 1")
+        self._number("norm_eps", lambda x: 0 <= x < 1, "must be a finite number in [0, 1)")
+        if self.rope_style not in ("neox", "norm"):
+            raise ConfigError("rope_style", self.rope_style, "must be 'neox' or 'norm'")
+        if not isinstance(self.tied_embeddings, bool):
+            raise ConfigError("tied_embeddings", self.tied_embeddings, "must be true or false")
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    def _size(self, name: str, lowest: int) -> None:
+        value = getattr(self, name)
+        if not is_kind(value, int) or not lowest <= value <= MAX_SIZE:
+            raise ConfigError(name, value, f"must be an integer from {lowest} to {MAX_SIZE}")
+        self._set(name, int(value))
+
+    def _number(self, name: str, in_range, problem: str) -> None:
+        value = getattr(self, name)
+        try:
+            x = float(value) if is_kind(value, float) else math.nan
+        except OverflowError:  # an int beyond float's range
+            x = math.inf
+        if not math.isfinite(x) or not in_range(x):
+            raise ConfigError(name, value, problem)
+        self._set(name, x)
 
     @property
     def family(self) -> str:
@@ -53,8 +136,7 @@ class ModelConfig:
 
     @property
     def activation(self) -> str:
-        """The FFN gate: relu(gate)^2 * up for BitNet b1.58 2B4T, silu(gate) * up otherwise."""
-        return "relu2" if self.family == "bitnet-b1.58" else "silu"
+        return activation_of(self.arch)
 
     @property
     def sub_norms(self) -> bool:

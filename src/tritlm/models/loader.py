@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import islice
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from ..formats.gguf import GGUFFile
 from ..formats.region import FileRegion
 from ..formats.hf import HFCheckpoint, is_hf_directory
 from ..quant import blocks, layouts, ternarize
-from .config import ModelConfig, family_of
+from .config import ConfigError, ModelConfig, activation_of, checked, family_of, short
 
 TERNARY_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -63,14 +65,31 @@ class StoredTernary(TernaryTensor):
     scale = property(lambda self: self._unpacked[1])
 
 
+# the types a FloatMatrix holds: values per block, bytes per block
+FLOAT_TYPES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+               "Q8_0": (blocks.QK8_0, blocks.Q8_0_BLOCK_BYTES), "Q6_K": (blocks.QK_K, blocks.Q6_K_BLOCK_BYTES)}
+
+
 @dataclass
 class FloatMatrix:
     """A [rows, cols] matrix kept as stored: the bytes of one GGUF type, in memory or in a file."""
 
     source: np.ndarray | FileRegion  # uint8
-    type: str  # "F32", "F16", "BF16", "Q8_0", "Q6_K"
+    type: str  # a key of FLOAT_TYPES
     rows: int
     cols: int
+
+    def __post_init__(self):
+        # the C++ ops read rows x cols of `type` from these bytes: they must be exactly that many
+        if self.type not in FLOAT_TYPES:
+            raise ValueError(f"float matrix type must be one of {', '.join(FLOAT_TYPES)}, got {self.type!r}")
+        block, block_bytes = FLOAT_TYPES[self.type]
+        if self.rows < 1 or self.cols < 1 or self.cols % block:
+            raise ValueError(f"a {self.type} matrix needs rows of a multiple of {block} values, "
+                             f"got [{self.rows}, {self.cols}]")
+        if self.nbytes != self.rows * self.cols // block * block_bytes:
+            raise ValueError(f"a [{self.rows}, {self.cols}] {self.type} matrix takes "
+                             f"{self.rows * self.cols // block * block_bytes} bytes, got {self.nbytes}")
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> FloatMatrix:
@@ -131,154 +150,276 @@ def gguf_name(hf_name: str) -> str | None:
     return None
 
 
-def hf_config(config: dict) -> ModelConfig:
-    quant = config.get("quantization_config") or {}
-    model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    if model_type == "bitnet":
-        arch = "bitnet-b1.58" if config.get("hidden_act", "relu2") == "relu2" else "bitnet"
+# ModelConfig field -> its key in config.json, and in GGUF metadata (after "{arch}.")
+HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+           "intermediate_size": "intermediate_size", "n_layers": "num_hidden_layers",
+           "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+           "context_length": "max_position_embeddings", "rope_theta": "rope_theta",
+           "norm_eps": "rms_norm_eps", "head_dim": "head_dim", "tied_embeddings": "tie_word_embeddings"}
+GGUF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "embedding_length",
+             "intermediate_size": "feed_forward_length", "n_layers": "block_count",
+             "n_heads": "attention.head_count", "n_kv_heads": "attention.head_count_kv",
+             "context_length": "context_length", "rope_theta": "rope.freq_base",
+             "norm_eps": "attention.layer_norm_rms_epsilon", "head_dim": "rope.dimension_count"}
+
+
+def _model_config(where: str, keys: Mapping[str, str], **values) -> ModelConfig:
+    """ModelConfig(**values), whose errors name the field as the file spells it (`keys`)."""
+    try:
+        return ModelConfig(**values)
+    except ConfigError as e:
+        key = keys.get(e.field, e.field)
+        if e.value is None:
+            raise ValueError(f"{where} lacks {key}") from None
+        raise ValueError(f"{where}: {key} = {short(e.value)}: {e.problem}") from None
+
+
+def hf_config(config: dict, where: str = "config.json") -> ModelConfig:
+    checked(config, dict, where)
+
+    def get(key, kind=None, default=None, within=config):  # null counts as absent, as in transformers
+        value = within.get(key)
+        if value is None:
+            return default
+        return value if kind is None else checked(value, kind, f"{where}: {key}")
+
+    quant = get("quantization_config", dict, {})
+    model_type, architectures = get("model_type", str), get("architectures", list, [])
+    if model_type == "bitnet":  # the activation tells 2B4T's block from 1bitLLM's
+        activation = get("hidden_act", str, "relu2")
+        arch = {"relu2": "bitnet-b1.58", "silu": "bitnet"}.get(activation)
     elif "BitnetForCausalLM" in architectures:  # 1bitLLM's own modelling code
-        arch = "bitnet"
+        activation, arch = get("hidden_act", str, "silu"), "bitnet"
     elif model_type == "llama" and quant.get("quant_method") == "bitnet":
-        arch = "llama"
+        activation, arch = get("hidden_act", str, "silu"), "llama"
     else:
-        raise ValueError(f"unsupported Hugging Face model (model_type={model_type!r}, "
-                         f"architectures={architectures}); supported: BitNet (transformers' "
+        raise ValueError(f"unsupported Hugging Face model (model_type={short(model_type)}, "
+                         f"architectures={short(architectures)}); supported: BitNet (transformers' "
                          "BitNetForCausalLM), 1bitLLM BitnetForCausalLM, Llama with bitnet quantization")
+    if arch is None or activation != activation_of(arch):
+        raise ValueError(f"{where}: hidden_act {short(activation)} is not supported for "
+                         f"model_type {short(model_type)}")
     if quant.get("use_rms_norm"):
         raise ValueError("bitnet quantization_config.use_rms_norm is not supported yet")
-    rope = config.get("rope_parameters") or {}
-    n_heads = config["num_attention_heads"]
-    return ModelConfig(
+    if get("linear_class", str, "bitlinear", quant) not in ("bitlinear", "autobitlinear"):
+        raise ValueError(f"{where}: quantization_config.linear_class must be 'bitlinear' or "
+                         f"'autobitlinear', got {short(quant['linear_class'])}")
+    rope = get("rope_parameters", dict, {})
+    in_rope = rope.get("rope_theta") is not None  # (transformers' newer place for it)
+    keys = HF_KEYS | ({"rope_theta": "rope_parameters.rope_theta"} if in_rope else {})
+    n_heads = get("num_attention_heads")
+    return _model_config(
+        where, keys,
         arch=arch,
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        n_layers=config["num_hidden_layers"],
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        n_layers=get("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
-        context_length=config.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        head_dim=config.get("head_dim") or 0,
+        n_kv_heads=get("num_key_value_heads", default=n_heads),
+        context_length=get("max_position_embeddings", default=2048),
+        rope_theta=rope["rope_theta"] if in_rope else get("rope_theta", default=10000.0),
+        norm_eps=get("rms_norm_eps", default=1e-6),
+        head_dim=get("head_dim", default=0),
         rope_style="neox",  # transformers rotates halves
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tied_embeddings=get("tie_word_embeddings", default=False),
     )
 
 
-def _hf_ternary(ckpt: HFCheckpoint, hf_name: str, out_features: int, quant: dict) -> TernaryTensor:
+# Each tensor's shape in the sizes of the configuration (NumPy order: [out, in] for matrices)
+_Q, _KV = "n_heads*head_dim", "n_kv_heads*head_dim"
+TOP_SHAPES = {"token_embd": ("vocab_size", "hidden_size"), "output_norm": ("hidden_size",),
+              "output": ("vocab_size", "hidden_size")}
+LAYER_SHAPES = {"attn_norm": ("hidden_size",), "attn_q": (_Q, "hidden_size"),
+                "attn_k": (_KV, "hidden_size"), "attn_v": (_KV, "hidden_size"),
+                "attn_output": ("hidden_size", _Q), "attn_sub_norm": (_Q,),
+                "ffn_norm": ("hidden_size",), "ffn_gate": ("intermediate_size", "hidden_size"),
+                "ffn_up": ("intermediate_size", "hidden_size"),
+                "ffn_down": ("hidden_size", "intermediate_size"), "ffn_sub_norm": ("intermediate_size",)}
+_LAYER_TENSOR = re.compile(r"blk\.(0|[1-9][0-9]{0,7})\.(\w+)")
+
+
+def _needed(config: ModelConfig) -> tuple[list[str], list[str]]:
+    """The tensors `config` needs: outside the layers, and in each layer."""
+    top = ["token_embd", "output_norm"] + ([] if config.tied_embeddings else ["output"])
+    return top, [k for k in LAYER_SHAPES if config.sub_norms or not k.endswith("sub_norm")]
+
+
+def required_tensors(config: ModelConfig) -> Iterator[str]:
+    top, per_layer = _needed(config)
+    yield from top
+    for i in range(config.n_layers):
+        yield from (f"blk.{i}.{kind}" for kind in per_layer)
+
+
+def check_shapes(config: ModelConfig, shapes: Mapping[str, tuple]) -> None:
+    """That `shapes` (GGUF tensor name -> NumPy shape) are exactly the tensors `config` needs,
+    each of the shape the configuration gives it (any other shape would have the engine read past
+    a buffer), before anything is built from them. An unknown tensor is an error too: it would be
+    part of the model (a bias, RoPE factors, another layer) that tritlm leaves out."""
+    c = config
+    sizes = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+             "intermediate_size": c.intermediate_size, _Q: c.n_heads * c.head_dim,
+             _KV: c.n_kv_heads * c.head_dim}
+    top, per_layer = _needed(c)
+    unknown = []
+    for name, shape in shapes.items():
+        layer = _LAYER_TENSOR.fullmatch(name)
+        if layer:
+            known = int(layer[1]) < c.n_layers and layer[2] in per_layer
+            symbols = LAYER_SHAPES[layer[2]] if known else None
+        else:
+            symbols = TOP_SHAPES[name] if name in top else None
+        if symbols is None:
+            unknown.append(name)
+            continue
+        expected = tuple(sizes[s] for s in symbols)
+        if tuple(shape) != expected:
+            raise ValueError(f"tensor {name} has shape {short(tuple(shape))}; the configuration needs "
+                             f"{expected} = ({', '.join(symbols)})")
+    if unknown:
+        raise ValueError(f"{len(unknown)} tensors that are not part of this model "
+                         f"({c.arch}, {c.n_layers} layers): {', '.join(map(short, unknown[:8]))}"
+                         + (" ..." if len(unknown) > 8 else ""))
+    n_needed = len(top) + c.n_layers * len(per_layer)  # (the names are counted, not listed)
+    if len(shapes) < n_needed:
+        missing = list(islice((n for n in required_tensors(c) if n not in shapes), 8))
+        raise ValueError(f"the model lacks {n_needed - len(shapes)} tensors: {', '.join(missing)}"
+                         + (" ..." if n_needed - len(shapes) > 8 else ""))
+
+
+def _norm(name: str, array: np.ndarray) -> np.ndarray:
+    norm = np.array(array, dtype=np.float32)  # a copy: the file's memory map closes
+    if not np.isfinite(norm).all():
+        raise ValueError(f"tensor {name}: a norm weight is not finite")
+    return norm
+
+
+_HF_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def _hf_ternary(ckpt: HFCheckpoint, hf_name: str, quant: dict) -> TernaryTensor:
     info = ckpt.info(f"{hf_name}.weight")
-    if info.dtype == "U8" and len(info.shape) == 2 and info.shape[0] * 4 == out_features:
+    if info.dtype == "U8":
         # packed: 4 rows per byte; weight_scale multiplies (autobitlinear) or divides (bitlinear)
         if f"{hf_name}.weight_scale" not in ckpt:
             raise ValueError(f"{hf_name}: packed weights without a weight_scale")
-        ws = np.float32(ckpt.array(f"{hf_name}.weight_scale").reshape(-1)[0])
+        ws = ckpt.array(f"{hf_name}.weight_scale").reshape(-1)
+        if ws.size != 1 or not np.isfinite(ws[0]) or not ws[0] > 0:
+            raise ValueError(f"{hf_name}.weight_scale must be one positive number, got {short(ws.tolist())}")
+        ws = np.float32(ws[0])
         scale = ws if quant.get("linear_class", "bitlinear") == "autobitlinear" else np.float32(1) / ws
-        return StoredTernary("HF", (out_features, info.shape[1]), ckpt.region(f"{hf_name}.weight"),
-                             np.full(out_features, scale, np.float32))
+        return StoredTernary("HF", (4 * info.shape[0], info.shape[1]), ckpt.region(f"{hf_name}.weight"),
+                             np.full(4 * info.shape[0], scale, np.float32))
     weight = ckpt.array(f"{hf_name}.weight")
-    if weight.dtype == np.float32 and weight.shape[0] == out_features:
-        ternary, scale = ternarize(weight)  # master weights: absmean, as training does online
-        return TernaryTensor(ternary, np.full(ternary.shape[0], scale, np.float32))
-    raise ValueError(f"{hf_name}.weight: unexpected {weight.dtype} {weight.shape} for "
-                     f"{out_features} output features")
+    if not np.isfinite(weight).all():
+        raise ValueError(f"{hf_name}.weight: master weights that are not finite")
+    ternary, scale = ternarize(weight)  # master weights: absmean, as training does online
+    return TernaryTensor(ternary, np.full(ternary.shape[0], scale, np.float32))
 
 
-def required_tensors(config: ModelConfig) -> list[str]:
-    per_layer = ["attn_norm", *TERNARY_TENSORS, "ffn_norm"]
-    if config.sub_norms:
-        per_layer += ["attn_sub_norm", "ffn_sub_norm"]
-    names = ["token_embd", "output_norm"] + ([] if config.tied_embeddings else ["output"])
-    return names + [f"blk.{i}.{n}" for i in range(config.n_layers) for n in per_layer]
-
-
-def check_complete(config: ModelConfig, tensors: dict) -> None:
-    missing = [n for n in required_tensors(config) if n not in tensors]
-    if missing:
-        raise ValueError(f"the model lacks {len(missing)} tensors: {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
+def _hf_redundant(name: str, config: ModelConfig) -> bool:
+    """Tensors a checkpoint may hold beside the model's: a packed weight's scale (read with the
+    weight), RoPE's inverse frequencies (computed), and the output head when the embeddings are
+    tied (transformers replaces it with the embedding)."""
+    if name.endswith(".weight_scale"):
+        target = gguf_name(name.removesuffix(".weight_scale"))
+        return target is not None and target.rsplit(".", 1)[-1] in TERNARY_TENSORS
+    return name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight" and config.tied_embeddings
 
 
 def load_hf(directory) -> tuple[ModelConfig, dict]:
     ckpt = HFCheckpoint(directory)
     try:
-        config = hf_config(ckpt.config)
-        quant = ckpt.config.get("quantization_config") or {}
-        q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        out_features = {"attn_q": q_rows, "attn_k": kv_rows, "attn_v": kv_rows,
-                        "attn_output": config.hidden_size, "ffn_gate": config.intermediate_size,
-                        "ffn_up": config.intermediate_size, "ffn_down": config.hidden_size}
-        tensors = {}
+        config = hf_config(ckpt.config, os.path.join(directory, "config.json"))
+        sources, shapes = {}, {}  # GGUF name -> Hugging Face name, and its shape
         for name in ckpt.names:
-            if not name.endswith(".weight"):
-                continue  # weight_scale tensors are read with their weights
-            target = gguf_name(name.removesuffix(".weight"))
-            if target is None:
+            if _hf_redundant(name, config):
                 continue
+            stem = name.removesuffix(".weight")
+            target = gguf_name(stem) if name.endswith(".weight") else None
+            info = ckpt.info(name)
+            if target is None:
+                shapes[name] = info.shape  # unknown: check_shapes names it
+                continue
+            if target in sources:
+                raise ValueError(f"{directory}: {sources[target]}.weight and {name} are both {target}")
+            ternary = target.rsplit(".", 1)[-1] in TERNARY_TENSORS
+            packed = ternary and info.dtype == "U8"
+            if not packed and info.dtype not in _HF_FLOATS:
+                raise ValueError(f"{name}: dtype {info.dtype}; expected a float type ({', '.join(_HF_FLOATS)})"
+                                 + (" or packed U8" if ternary else ""))
+            if packed and len(info.shape) != 2:
+                raise ValueError(f"{name}: packed ternary weights are [rows/4, columns], got {info.shape}")
+            sources[target] = stem
+            shapes[target] = (4 * info.shape[0], info.shape[1]) if packed else info.shape
+        check_shapes(config, shapes)
+        quant = ckpt.config.get("quantization_config") or {}
+        tensors = {}
+        for target, stem in sources.items():
             kind = target.rsplit(".", 1)[-1]
             if kind in TERNARY_TENSORS:
-                tensors[target] = _hf_ternary(ckpt, name.removesuffix(".weight"), out_features[kind], quant)
+                tensors[target] = _hf_ternary(ckpt, stem, quant)
             elif target in ("token_embd", "output"):
-                tensors[target] = FloatMatrix.from_array(ckpt.array(name))
-            else:  # a copy: the file's memory map closes below
-                tensors[target] = np.array(ckpt.array(name), dtype=np.float32)
-        check_complete(config, tensors)
+                tensors[target] = FloatMatrix.from_array(ckpt.array(f"{stem}.weight"))
+            else:
+                tensors[target] = _norm(f"{stem}.weight", ckpt.array(f"{stem}.weight"))
         return config, tensors
     finally:
         ckpt.close()
 
 
-def gguf_config(metadata: dict, tensor_names) -> ModelConfig:
-    arch = metadata.get("general.architecture")
+def gguf_config(metadata: dict, tensor_names, where: str = "GGUF metadata") -> ModelConfig:
+    if "general.architecture" not in metadata:
+        raise ValueError(f"{where} lacks general.architecture")
+    arch = metadata["general.architecture"]
     family_of(arch)  # unsupported architectures stop here, with the list of supported ones
-
-    def key(name, default=None):
-        value = metadata.get(f"{arch}.{name}", default)
-        if value is None:
-            raise ValueError(f"GGUF metadata lacks {arch}.{name}")
-        return value
-
-    n_heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+    keys = {field: f"{arch}.{key}" for field, key in GGUF_KEYS.items()}
+    values = {field: metadata.get(key) for field, key in keys.items()}
     tokens = metadata.get("tokenizer.ggml.tokens")
-    return ModelConfig(
-        arch=arch,
-        vocab_size=int(key("vocab_size", len(tokens) if tokens else None)),
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        n_layers=int(key("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-        context_length=int(key("context_length")),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        head_dim=int(key("rope.dimension_count", hidden // n_heads)),
+    if tokens is not None:
+        checked(tokens, list, f"{where}: tokenizer.ggml.tokens")
+    defaults = {"vocab_size": None if tokens is None else len(tokens), "n_kv_heads": values["n_heads"],
+                "rope_theta": 10000.0, "head_dim": 0}
+    values |= {field: default for field, default in defaults.items() if values[field] is None}
+    config = _model_config(
+        where, keys, arch=arch, **values,
         # llama.cpp rotates (2i, 2i+1) for llama, whose converter permutes q and k to match;
         # the BitNet architectures rotate halves
         rope_style="norm" if family_of(arch) == "llama" else "neox",
         tied_embeddings="output.weight" not in tensor_names,
     )
+    if tokens is not None and config.vocab_size != len(tokens):
+        raise ValueError(f"{where}: {keys['vocab_size']} = {config.vocab_size}, but "
+                         f"tokenizer.ggml.tokens has {len(tokens)} tokens")
+    return config
 
 
 def load_gguf(path) -> tuple[ModelConfig, dict, dict]:
     """(config, tensors, metadata) of a GGUF file."""
     with GGUFFile(path) as f:
-        config = gguf_config(f.metadata, f.tensors)
-        tensors = {}
+        config = gguf_config(f.metadata, f.tensors, os.fspath(path))
+        infos = {}  # GGUF tensor name without ".weight" -> TensorInfo
         for name, info in f.tensors.items():
             stem = name.removesuffix(".weight")
+            if stem in infos:
+                raise ValueError(f"{path}: tensors {infos[stem].name!r} and {name!r} are both {stem}")
+            infos[stem] = info
+        check_shapes(config, {stem: info.shape for stem, info in infos.items()})
+        tensors = {}
+        for stem, info in infos.items():
             kind = stem.rsplit(".", 1)[-1]
             if info.type_name in layouts.FILE_LAYOUTS:
                 if kind not in TERNARY_TENSORS:
-                    raise ValueError(f"{name}: ternary type {info.type_name} where a float tensor belongs")
-                tensors[stem] = StoredTernary(info.type_name, info.shape, f.region(name))
+                    raise ValueError(f"{info.name}: ternary type {info.type_name} where a float tensor belongs")
+                tensors[stem] = StoredTernary(info.type_name, info.shape, f.region(info.name))
             elif kind in TERNARY_TENSORS:
-                raise ValueError(f"{name}: type {info.type_name} is not ternary; tritlm runs ternary "
+                raise ValueError(f"{info.name}: type {info.type_name} is not ternary; tritlm runs ternary "
                                  "models (I2_S, TQ1_0, TQ2_0)")
             elif stem in ("token_embd", "output"):
-                rows, cols = info.shape
-                tensors[stem] = FloatMatrix(f.region(name), info.type_name, rows, cols)
+                tensors[stem] = FloatMatrix(f.region(info.name), info.type_name, *info.shape)
             else:
-                tensors[stem] = np.array(f.tensor_array(name), dtype=np.float32)
-        check_complete(config, tensors)
+                tensors[stem] = _norm(info.name, f.tensor_array(info.name))
         return config, tensors, dict(f.metadata)
 
 
