@@ -124,7 +124,7 @@ def format_chat(messages: list[dict], template: str | None, *, bos_token: str = 
 # Operations whose result can outgrow their inputs ('x' * n, '{:>n}'.format, center(n), replace,
 # join, indent, ...) are checked before they run, everything else after.
 
-MAX_STEPS = 1_000_000  # loop passes, calls, filters, operators, printed values
+MAX_STEPS = 1_000_000  # loop passes, macro calls, calls, filters, operators
 MAX_SECONDS = 5.0
 MAX_CHARS = 1 << 27  # characters of the strings made, and items of the lists and dicts made
 MAX_INT_BITS = 1 << 16  # of an integer made by * or **

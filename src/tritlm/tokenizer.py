@@ -350,10 +350,8 @@ class Tokenizer:
                 raise
             raise ValueError(f"{path}: not a tokenizer the tokenizers library can read ({e})") from None
 
-        def load(name):
-            return _read_json(d / name)
-        cfg, smap, gen = load("tokenizer_config.json"), load("special_tokens_map.json"), \
-            load("generation_config.json")
+        cfg, smap, gen = (_read_json(d / name) for name in (
+            "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"))
 
         def special_id(name):
             file, v = "tokenizer_config.json", cfg.get(name)
@@ -370,11 +368,11 @@ class Tokenizer:
 
         # the BOS/EOS the model adds: tokenizer_config's flags, else what the post-processor does
         probe = hf.encode("a", add_special_tokens=True).ids
-        flag = lambda key: _value(cfg, key, bool, where=f"{d / 'tokenizer_config.json'}: ")  # noqa: E731
-        add_bos = flag("add_bos_token")
+        in_cfg = f"{d / 'tokenizer_config.json'}: "
+        add_bos = _value(cfg, "add_bos_token", bool, where=in_cfg)
         if add_bos is None:
             add_bos = bos_id is not None and len(probe) > 1 and probe[0] == bos_id
-        add_eos = flag("add_eos_token")
+        add_eos = _value(cfg, "add_eos_token", bool, where=in_cfg)
         if add_eos is None:
             add_eos = eos_id is not None and len(probe) > 1 and probe[-1] == eos_id
 
@@ -417,7 +415,7 @@ class Tokenizer:
             return text_kind
         kinds = [kind(i, t) for i, t in enumerate(tokens)]
 
-        where = f"{d / 'tokenizer_config.json'}: chat_template"
+        where = f"{in_cfg}chat_template"
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: {"name": ..., "template": ...}; the default one
             named = {checked(t, dict, where).get("name"): t.get("template") for t in template}
@@ -426,7 +424,7 @@ class Tokenizer:
             template = _read_text(d / "chat_template.jinja")
         if template is None:
             where = f"{d / 'chat_template.json'}: chat_template"
-            template = load("chat_template.json").get("chat_template")
+            template = _read_json(d / "chat_template.json").get("chat_template")
 
         gen_eos = gen.get("eos_token_id")  # one id or a list of them
         gen_eos = [gen_eos] if is_kind(gen_eos, int) else \

@@ -93,7 +93,7 @@ def _default_ctx(model) -> int | None:
         else:
             with GGUFFile(model) as f:
                 context = loader.gguf_config(f.metadata, f.tensors).context_length
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (json.load: a config.json nested too deeply)
         return 2048  # loading the model will name the problem
     return min(2048, context)
 

@@ -8,7 +8,7 @@ import numpy as np
 from ..formats.gguf import FILE_TYPES, GGUFValue, GGUFWriter, TensorType, ValueType
 from ..quant import blocks, layouts
 from .config import ModelConfig
-from .loader import FloatMatrix, TernaryTensor
+from .loader import GGUF_KEYS, FloatMatrix, TernaryTensor
 
 EMBEDDING_TYPES = ("F32", "F16")
 
@@ -23,24 +23,12 @@ def permute_for_norm_rope(t: TernaryTensor, n_heads: int) -> TernaryTensor:
 
 
 def model_metadata(config: ModelConfig, ternary_type: str, name: str = "") -> dict:
+    def u32_or_f32(value):  # llama.cpp reads the sizes as uint32
+        return GGUFValue(value, ValueType.FLOAT32 if isinstance(value, float) else ValueType.UINT32)
     a = config.arch
-    u32 = lambda v: GGUFValue(int(v), ValueType.UINT32)  # noqa: E731  (llama.cpp reads these as uint32)
-    f32 = lambda v: GGUFValue(float(v), ValueType.FLOAT32)  # noqa: E731
-    return {
-        "general.architecture": a,
-        "general.name": name or a,
-        "general.file_type": u32(FILE_TYPES[ternary_type]),
-        f"{a}.vocab_size": u32(config.vocab_size),
-        f"{a}.context_length": u32(config.context_length),
-        f"{a}.embedding_length": u32(config.hidden_size),
-        f"{a}.feed_forward_length": u32(config.intermediate_size),
-        f"{a}.block_count": u32(config.n_layers),
-        f"{a}.attention.head_count": u32(config.n_heads),
-        f"{a}.attention.head_count_kv": u32(config.n_kv_heads),
-        f"{a}.rope.dimension_count": u32(config.head_dim),
-        f"{a}.rope.freq_base": f32(config.rope_theta),
-        f"{a}.attention.layer_norm_rms_epsilon": f32(config.norm_eps),
-    }
+    return {"general.architecture": a, "general.name": name or a,
+            "general.file_type": u32_or_f32(FILE_TYPES[ternary_type])} | {
+        f"{a}.{key}": u32_or_f32(getattr(config, field)) for field, key in GGUF_KEYS.items()}
 
 
 def write_gguf_model(path, config: ModelConfig, tensors: dict, *, ternary_type: str = "I2_S",
