@@ -417,7 +417,7 @@ class Tokenizer:
 
         where = f"{in_cfg}chat_template"
         template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: {"name": ..., "template": ...}; the default one
+        if isinstance(template, list):  # named ones, {"name": ..., "template": ...}: the default
             named = {checked(t, dict, where).get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
         if template is None and (d / "chat_template.jinja").is_file():
@@ -425,13 +425,14 @@ class Tokenizer:
         if template is None:
             where = f"{d / 'chat_template.json'}: chat_template"
             template = _read_json(d / "chat_template.json").get("chat_template")
+        template = None if template is None else checked(template, str, where)
 
         gen_eos = gen.get("eos_token_id")  # one id or a list of them
         gen_eos = [gen_eos] if is_kind(gen_eos, int) else \
             _array(gen, "eos_token_id", int, f"{d / 'generation_config.json'}: ") or []
         return cls(hf, tokens, kinds, special=[i for i, a in added.items() if a.special],
                    bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, add_eos=add_eos,
-                   strip_space=strip, chat_template=None if template is None else checked(template, str, where),
+                   strip_space=strip, chat_template=template,
                    extra_eot=[i for i in gen_eos if 0 <= i < n])
 
     # ----------------------------------------------------------------------------- encoding

@@ -66,8 +66,8 @@ class StoredTernary(TernaryTensor):
 
 
 # the types a FloatMatrix holds: values per block, bytes per block
-FLOAT_TYPES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-               "Q8_0": (blocks.QK8_0, blocks.Q8_0_BLOCK_BYTES), "Q6_K": (blocks.QK_K, blocks.Q6_K_BLOCK_BYTES)}
+FLOAT_TYPES = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (blocks.QK8_0, blocks.Q8_0_BLOCK_BYTES),
+               "Q6_K": (blocks.QK_K, blocks.Q6_K_BLOCK_BYTES)}
 
 
 @dataclass
