@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats.gguf import FILE_TYPES, GGUFValue, GGUFWriter, TensorType, ValueType
-from ..quant import blocks, layouts
+from ..quant import layouts
 from .config import ModelConfig
 from .loader import GGUF_KEYS, FloatMatrix, TernaryTensor
 
