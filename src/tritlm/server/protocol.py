@@ -1,16 +1,29 @@
 """Request bodies of the OpenAI API, checked strictly (a string where a number belongs is an
-error, as it is for OpenAI). Fields OpenAI has and tritlm ignores (user, tools, ...) pass silently;
-`top_k`, `min_p`, `repeat_penalty` and `ignore_eos` are llama.cpp-style extras."""
+error, as it is for OpenAI; so are Infinity and NaN, which Python's JSON reader takes, and text
+with a lone surrogate, which JSON can carry and Unicode text can't). Fields OpenAI has and tritlm
+ignores (user, tools, ...) pass silently; `top_k`, `min_p`, `repeat_penalty` and `ignore_eos` are
+llama.cpp-style extras."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds a lone surrogate ({text[e.start]!a}) at {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -18,12 +31,12 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)  # OpenAI caps it at 2; llama.cpp does not
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = Field(None, max_length=16)
+    stop: Text | Annotated[list[Text], Field(max_length=16)] | None = None  # a string is one
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -37,13 +50,13 @@ class _Sampling(_Body):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -59,13 +72,13 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
 
 class EmbeddingRequest(_Body):
-    model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    model: Text | None = None
+    input: Text | list[Text] | list[int] | list[list[int]] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
