@@ -453,7 +453,7 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]
+        status = [499]  # nginx's "client closed request": it left (or was cut off) before any answer
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -462,6 +462,9 @@ class _CountRequests:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            status[0] = 500 if status[0] == 499 else status[0]  # starlette answers it with a 500
+            raise
         finally:
             path = scope["path"]
             route = path if path in self.ROUTES else "/v1/models" if path.startswith("/v1/models/") else "other"
