@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 def add_parser(subparsers) -> None:
@@ -60,7 +60,7 @@ def allowed_hosts(host: str, api_key: str | None, given: str | None) -> list[str
         loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         loopback = False
-    return LOOPBACK_HOSTS if loopback and api_key is None else None
+    return list(LOOPBACK_HOSTS) if loopback and api_key is None else None
 
 
 def run(args) -> int:

@@ -209,14 +209,12 @@ class _API:
         if chat:
             messages = self.chat_messages(body)
             prompts = [await run_in_threadpool(self.chat_ids, messages)]
+            requested = body.max_completion_tokens or body.max_tokens
+            top = (body.top_logprobs or 0) if body.logprobs else None
         else:
             texts = self.completion_prompts(body)
             self.scheduler.check_size(len(texts) * body.n, "n" if body.n > 1 else "prompt")
             prompts = await run_in_threadpool(self.completion_ids, texts)
-        if chat:
-            requested = body.max_completion_tokens or body.max_tokens
-            top = (body.top_logprobs or 0) if body.logprobs else None
-        else:
             requested, top = body.max_tokens, body.logprobs
         t = self.temperature if body.temperature is None else body.temperature
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -453,7 +451,8 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [499]  # nginx's "client closed request": it left (or was cut off) before any answer
+        status = [499]  # nginx's "client closed request": it left (or was cut off) before any answer;
+        # a fault below answers 500 (in _Guard)
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -462,9 +461,6 @@ class _CountRequests:
 
         try:
             await self.app(scope, receive, send_status)
-        except Exception:
-            status[0] = 500 if status[0] == 499 else status[0]  # starlette answers it with a 500
-            raise
         finally:
             path = scope["path"]
             route = path if path in self.ROUTES else "/v1/models" if path.startswith("/v1/models/") else "other"
@@ -487,7 +483,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         try:
             self._check(scope)
-            body = await self._body(scope, receive)
+            body = await self._body(receive)
         except ServerError as e:
             response = _error(e)
             response.headers["connection"] = "close"  # what is left of the body stays unread
@@ -532,7 +528,7 @@ class _Guard:
         if length.isdigit() and int(length) > self.max_body_bytes:
             raise self._too_large()
 
-    async def _body(self, scope, receive) -> bytes | None:
+    async def _body(self, receive) -> bytes | None:
         """The whole body; None if the client left first."""
         chunks, size = [], 0
         while True:

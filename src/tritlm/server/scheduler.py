@@ -330,9 +330,9 @@ class Scheduler:
                 continue
             try:
                 self._sample(r, row[-1])
+                generated += 1
             except Exception:
                 self._fail(r)
-            generated += 1
         self.metrics.step(len(batch), generated)
 
     def _sample(self, r: _Running, logits: np.ndarray) -> None:
