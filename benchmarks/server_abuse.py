@@ -180,12 +180,11 @@ def hostile_classes(args, port: int) -> dict:
     big = args.max_body_bytes
 
     def post(path, expected, body=None, content=None, headers=AUTH):
+        # Python's json writes what JSON can't hold: Infinity, NaN, lone surrogates
+        data = json.dumps(body).encode() if body is not None else content
+
         async def send(http):
-            if body is not None:  # Python's json writes what JSON can't hold: Infinity, NaN, lone surrogates
-                data, kind = json.dumps(body).encode(), {"content-type": "application/json"}
-            else:
-                data, kind = content, {"content-type": "application/json"}
-            response = await http.post(path, content=data, headers=headers | kind)
+            response = await http.post(path, content=data, headers=headers | {"content-type": "application/json"})
             return str(response.status_code)
         return send, expected
 
@@ -210,7 +209,8 @@ def hostile_classes(args, port: int) -> dict:
         "no key, 40 MB body": raw(head("/v1/completions", 40_000_000) + b"{" * 65536, {"401"}),
         "wrong key": post("/v1/completions", {"401"}, {"prompt": "hi"}, headers={"Authorization": "Bearer nope"}),
         "foreign Host": post("/v1/models", {"400"}, {}, headers=AUTH | {"Host": "evil.example"}),
-        "lone surrogate": post("/v1/chat/completions", {"400"}, chat(messages=[{"role": "user", "content": "a\ud800"}])),
+        "lone surrogate": post("/v1/chat/completions", {"400"},
+                               chat(messages=[{"role": "user", "content": "a\ud800"}])),
         "tool role": post("/v1/chat/completions", {"400"}, chat(messages=[{"role": "tool", "content": "42"}])),
         "long stop string": post("/v1/completions", {"200"}, {"prompt": "hi", "stop": "s" * 40, "max_tokens": 4}),
         "3000 embedding inputs": post("/v1/embeddings", {"400"}, {"input": ["hi"] * 3000}),
