@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per normal request")
     p.add_argument("--repeat", type=int, default=3, help="requests of each hostile class")
     p.add_argument("--read-timeout", type=float, default=2.0, help="the server's --read-timeout")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the server's --max-body-bytes")
+    p.add_argument("--max-body-bytes", type=int, default=256 * 1024, help="the server's --max-body-bytes")
     p.add_argument("--threads", type=int, default=None, help="the server's engine threads")
     p.add_argument("--health-bound", type=float, default=0.1, help="seconds /health may take at worst")
     p.add_argument("--deadline", type=float, default=60, help="seconds the clients may take at most")
@@ -215,6 +215,12 @@ def hostile_classes(args, port: int) -> dict:
         "long stop string": post("/v1/completions", {"200"}, {"prompt": "hi", "stop": "s" * 40, "max_tokens": 4}),
         "3000 embedding inputs": post("/v1/embeddings", {"400"}, {"input": ["hi"] * 3000}),
         "prompt too long": post("/v1/completions", {"400"}, {"prompt": "hi " * (big // 4)}),
+        # the costliest bodies to parse: as many tiny JSON containers, or numbers, as the limits let in
+        "a body of tiny arrays": post("/v1/completions", {"400"}, content=b'{"prompt": [' + b"[],"
+                                      * (big // 3 - 10) + b"[]]}"),
+        "a body of tiny messages": post("/v1/chat/completions", {"400"}, content=b'{"messages": ['
+                                        + b'{"role":"user","content":"a"},' * (big // 31 - 2) + b'{"role":"user"}]}'),
+        "a body of token ids": post("/v1/completions", {"400"}, {"prompt": [1] * (big // 3 - 10)}),
         "too many sequences": post("/v1/completions", {"400"}, {"prompt": ["hi"] * 10, "n": 4}),
         "malformed JSON": post("/v1/chat/completions", {"400"}, content=b'{"messages": [{"role": '),
         "wrong types": post("/v1/chat/completions", {"400"}, {"messages": "hi", "max_tokens": "many"}),

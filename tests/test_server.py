@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback, on a tiny
 model built here; the scheduler on its own; the web chat page in headless Chromium."""
 
+import gc
 import json
 import logging
 import os
@@ -502,7 +503,7 @@ def test_tokenizing_does_not_stall_the_server(counted):
 
 def test_counts_and_lengths_are_checked_before_tokenizing(counted):
     llm, calls = counted
-    with serving(create_app(llm, max_batch=2, max_queue=2)) as url:
+    with serving(create_app(llm, max_batch=2, max_queue=2, max_body_bytes=1 << 20)) as url:
         post = lambda path, body: httpx.post(url + path, json=body, timeout=30)  # noqa: E731
         cases = [("/v1/embeddings", {"input": ["hi"] * 2049}, "input", None),
                  ("/v1/completions", {"prompt": ["hi"] * 5}, "prompt", None),  # 5 sequences: 2 slots + 2 queued
@@ -535,6 +536,23 @@ def test_the_body_size_is_limited(gguf_path):
         assert error_of(httpx.post(url + "/v1/completions", content=chunks(),
                                    headers={"content-type": "application/json"}), 413)
         assert httpx.post(url + "/v1/completions", json=small).status_code == 200
+
+
+def test_bodies_costly_to_parse_are_refused_cheaply(base_url):
+    """Parsing and validating run on the event loop: a body of countless tiny arrays or objects, or
+    a list of countless items, is refused before (or without) its items being built and checked."""
+    post = lambda path, content: httpx.post(base_url + path, content=content,  # noqa: E731
+                                            headers={"content-type": "application/json"})
+    tiny_arrays = b'{"prompt": [' + b"[]," * 40000 + b"[]]}"
+    assert error_of(post("/v1/completions", tiny_arrays), 400)["code"] == "body_too_complex"
+    messages = json.dumps({"messages": [{"role": "user", "content": "a"}] * 2049}).encode()
+    assert error_of(post("/v1/chat/completions", messages), 400)["param"] == "messages"
+    parts = json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 2049}]}).encode()
+    assert error_of(post("/v1/chat/completions", parts), 400)["param"] == "messages.0.content"
+    prompts = json.dumps({"prompt": [[1]] * 2049}).encode()
+    assert error_of(post("/v1/completions", prompts), 400)["param"] == "prompt"
+    for body in (b"null", b"[1]", b'"text"'):
+        assert error_of(post("/v1/completions", body), 400)["code"] == "invalid_json"
 
 
 def exchange(url, data: bytes, timeout: float = 5.0) -> bytes:
@@ -588,7 +606,7 @@ SURROGATE = "bad \ud800 text"
      "messages.0.content.0.text"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": SURROGATE}]}, "messages.0.name"),
     ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
-    ("/v1/completions", {"prompt": ["ok", SURROGATE]}, "prompt.1"),
+    ("/v1/completions", {"prompt": ["ok", SURROGATE]}, "prompt"),  # the message says: item 1
     ("/v1/completions", {"prompt": "hi", "stop": [SURROGATE]}, "stop.0"),
     ("/v1/completions", {"prompt": "hi", "model": SURROGATE}, "model"),
     ("/v1/embeddings", {"input": SURROGATE}, "input"),
@@ -782,7 +800,7 @@ def test_serve_flags():
     assert (args.max_body_bytes, args.read_timeout, args.allowed_hosts) == (1000, 5.0, "a.example,b.example")
     defaults = build_parser().parse_args(["serve"])
     assert defaults.host == "127.0.0.1" and defaults.model is None
-    assert (defaults.max_body_bytes, defaults.read_timeout, defaults.allowed_hosts) == (8 * 1024 * 1024, 60.0, None)
+    assert (defaults.max_body_bytes, defaults.read_timeout, defaults.allowed_hosts) == (256 * 1024, 60.0, None)
 
 
 @pytest.mark.parametrize("host, key, given, expected", [
@@ -804,7 +822,7 @@ def test_serve_command(gguf_path, oracle, monkeypatch):
     seen = {}
 
     def run(app, host, port, **kw):  # instead of uvicorn.run: serve the app here, try it, stop
-        seen.update(host=host, port=port, options=kw)
+        seen.update(host=host, port=port, options=kw, frozen=gc.get_freeze_count())
         with serving(app) as url:
             seen["models"] = httpx.get(url + "/v1/models").status_code
             seen["too_large"] = httpx.post(url + "/v1/completions", content=b"x" * 2000,
@@ -820,6 +838,7 @@ def test_serve_command(gguf_path, oracle, monkeypatch):
     assert (seen["host"], seen["port"], seen["models"], seen["too_large"]) == ("127.0.0.1", 9999, 401, 413)
     assert seen["options"]["http"].keywords == {"read_timeout": 7.0}
     assert seen["options"]["timeout_graceful_shutdown"] and seen["options"]["timeout_keep_alive"]
+    assert seen["frozen"] > 0 and gc.get_freeze_count() == 0  # the model etc. frozen while serving
     assert seen["health"]["slots_total"] == 2
     usage = seen["reply"]["usage"]
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
