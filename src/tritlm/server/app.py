@@ -22,9 +22,9 @@ from importlib import resources
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..sampling import SamplingParams
