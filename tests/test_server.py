@@ -513,11 +513,9 @@ def test_counts_and_lengths_are_checked_before_tokenizing(counted):
                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 100_000}]},
                   "messages", "context_length_exceeded")]
         for path, body, param, code in cases:
-            started = time.monotonic()
             error = error_of(post(path, body), 400)
             assert (error["param"], error["code"]) == (param, code), (path, error)
-            assert time.monotonic() - started < 0.9, f"{path} {param}: tokenized before refusing"
-        assert calls == []
+        assert calls == []  # refused untokenized
 
 
 def test_the_body_size_is_limited(gguf_path):
