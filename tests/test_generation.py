@@ -76,10 +76,38 @@ def test_penalties_as_defined():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(min_p=2), dict(top_k=-1),
-                                 dict(repeat_penalty=0), dict(presence_penalty=3)])
+                                 dict(repeat_penalty=0), dict(presence_penalty=3),
+                                 dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                 dict(top_p=float("nan")), dict(repeat_penalty=float("inf")),
+                                 dict(min_p=float("nan")), dict(frequency_penalty=float("nan")),
+                                 dict(seed=1.5), dict(seed="7")])
 def test_bad_sampling_parameters(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+def test_any_integer_is_a_seed(rng):
+    """OpenAI takes any integer as a seed: negative and huge ones work, and reproducibly (a seed
+    is taken modulo 2**64, so -1 is 2**64 - 1)."""
+    logits = rng.standard_normal(100)
+    wide = dict(temperature=1.5, top_k=0, top_p=1, min_p=0)
+    for seed in (-1, -(2**70), 2**64, 2**200):
+        a = draws(SamplingParams(seed=seed, **wide), logits, n=20)
+        assert a.tolist() == draws(SamplingParams(seed=seed, **wide), logits, n=20).tolist()
+    assert draws(SamplingParams(seed=-1, **wide), logits, n=20).tolist() == \
+        draws(SamplingParams(seed=2**64 - 1, **wide), logits, n=20).tolist()
+    assert draws(SamplingParams(seed=2**64 + 7, **wide), logits, n=20).tolist() == \
+        draws(SamplingParams(seed=7, **wide), logits, n=20).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-300, 1e-30])
+def test_tiny_temperatures_are_greedy_not_nan(rng, temperature):
+    """logits / T overflows for a tiny T; the draw must still be the best token (what a vanishing
+    temperature means), whatever the filters, never a NaN probability."""
+    logits = rng.standard_normal(300).astype(np.float32)
+    logits[17] = 4.0  # a clear best
+    for filters in (dict(top_k=0, top_p=1, min_p=0), dict(top_k=40, top_p=0.9, min_p=0.05)):
+        assert set(draws(SamplingParams(temperature=temperature, seed=1, **filters), logits, n=20)) == {17}
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,15 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback, on a tiny
 model built here; the scheduler on its own; the web chat page in headless Chromium."""
 
+import gc
+import json
+import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,7 +26,7 @@ import uvicorn  # noqa: E402
 from tritlm import LLM  # noqa: E402
 from tritlm.cli import build_parser, main  # noqa: E402
 from tritlm.sampling import SamplingParams  # noqa: E402
-from tritlm.server import Job, Scheduler, create_app  # noqa: E402
+from tritlm.server import Job, Scheduler, create_app, uvicorn_options  # noqa: E402
 
 CTX = 128
 GREEDY = dict(temperature=0, max_tokens=12)
@@ -44,11 +50,12 @@ def oracle(gguf_path):
 
 
 @contextmanager
-def serving(app):
-    """Run the app with uvicorn on a free loopback port, in a thread."""
+def serving(app, **options):
+    """Run the app with uvicorn, as `tritlm serve` configures it (options: of `uvicorn_options`),
+    on a free loopback port, in a thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **uvicorn_options(**options)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -228,6 +235,11 @@ BAD = [  # body, status, param
     ({}, 400, "messages"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ({"messages": [{"role": "user", "content": "hi " * 300}]}, 400, "messages"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, 400, "messages"),  # the format has no tool role
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": "7"}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 17}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": 7}, 400, "stop"),
 ]
 
 
@@ -281,6 +293,357 @@ def test_api_key_is_enforced(gguf_path):
         assert httpx.get(url + "/health").status_code == 200  # for load balancers
 
 
+# ----------------------------------------------- hostile and broken requests, class by class
+
+
+def raw(body) -> dict:
+    """httpx arguments posting `body` as JSON that may hold what JSON can't (Infinity, NaN, a lone
+    surrogate), as Python's json module writes it."""
+    return {"content": json.dumps(body), "headers": {"content-type": "application/json"}}
+
+
+def test_any_integer_is_a_seed(base_url):
+    """OpenAI takes any integer: a negative seed killed the engine thread (every request after it
+    hung); a seed is taken modulo 2**64."""
+    def text(seed):
+        response = httpx.post(base_url + "/v1/completions", timeout=20,
+                              json={"prompt": "The quick", "seed": seed, **WIDE, **NO_EOS})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+    assert text(-1) == text(-1) == text(2**64 - 1)
+    assert text(2**80) == text(2**80 % 2**64) and text(-(2**70)) == text(-(2**70) % 2**64)
+    assert httpx.get(base_url + "/health").json()["status"] == "ok"
+
+
+NON_FINITE = [("temperature", float("inf")), ("temperature", float("nan")), ("top_p", float("nan")),
+              ("repeat_penalty", float("inf")), ("min_p", float("nan")), ("presence_penalty", float("-inf"))]
+
+
+@pytest.mark.parametrize("param, value", NON_FINITE)
+def test_sampling_values_must_be_finite(base_url, param, value):
+    body = {"messages": [{"role": "user", "content": "hi"}], param: value, "max_tokens": 2}
+    assert error_of(httpx.post(base_url + "/v1/chat/completions", **raw(body)), 400)["param"] == param
+
+
+def stream_text(http, body) -> str:
+    """The text of a streamed completion; fails on an error event."""
+    text = ""
+    with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["text"]
+    return text
+
+
+def test_a_tiny_temperature_poisons_nothing(gguf_path, oracle):
+    """temperature 1e-310 made NaN probabilities, and the step's error handler failed every request
+    in the step. It is a (numerically safe) greedy draw now, and the others never notice."""
+    llm = LLM(gguf_path, n_ctx=CTX)
+    app = create_app(llm, max_batch=4)
+    app.state.scheduler.engine = _Slow(llm.engine, 0.01)  # the four overlap
+    prompts = ["The quick", "def fib", "Unicode ☃"]
+    expected = [oracle.generate(p, max_tokens=16, temperature=0) for p in prompts]
+    texts = {}
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        def client(i):
+            texts[i] = stream_text(http, {"prompt": prompts[i], "max_tokens": 16, "temperature": 0, **NO_EOS})
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for temperature in (1e-310, 5e-324):
+            tiny = {"prompt": "The quick", "max_tokens": 16, "temperature": temperature, "top_k": 0, **NO_EOS}
+            assert stream_text(http, tiny) == expected[0]
+        for t in threads:
+            t.join(30)
+        assert [texts.get(i) for i in range(3)] == expected
+        assert wait_idle(url)["slots_busy"] == 0
+
+
+def test_requests_that_fail_fail_alone(oracle, scheduler_of):
+    """A request that breaks while being admitted, sampled or reported fails by itself, with an
+    opaque 500 (the details go to the log); the others carry on and the slots come back."""
+    scheduler, engine = scheduler_of(max_batch=4, max_queue=4)
+    good = [job(oracle, p, max_tokens=6) for p in ("The quick", "def fib")]
+    refused, refused_sink = job(oracle, "hello", stop=[""])  # TextStream refuses it at admission
+    nan, nan_sink = job(oracle, "Unicode ☃")
+    nan.params = SamplingParams(temperature=1.0, top_k=0, top_p=1, min_p=0, seed=1)
+    engine.nan_for = lambda sequence: nan.slot is not None and sequence is scheduler.slots[nan.slot]
+    broken, broken_sink = job(oracle, "The lazy dog")
+
+    def broken_on_event(event):  # the client's end breaks on the first text it gets
+        broken_sink(event)
+        if not event.last:
+            raise RuntimeError("the sink broke")
+    broken.on_event = broken_on_event
+    scheduler.submit([refused, nan, broken] + [j for j, _ in good])
+    for (j, sink), prompt in zip(good, ("The quick", "def fib")):
+        assert sink.done.wait(10), "a good request was lost"
+        assert sink.text == oracle.generate(prompt, max_tokens=6, temperature=0)
+    for sink in (refused_sink, nan_sink, broken_sink):
+        assert sink.done.wait(10)
+        error = sink.events[-1].error
+        assert error.status == 500 and error.message.startswith("internal error")
+        assert "NaN" not in error.message and "broke" not in error.message and "stop" not in error.message
+    assert scheduler.state() == {"slots_total": 4, "slots_busy": 0, "queue": 0, "running": 0}
+    assert scheduler.metrics.requests["error"] == 3 and scheduler.metrics.requests["completed"] == 2
+
+
+class _Fatal(BaseException):
+    """What no handler catches: the engine thread dies of it."""
+
+
+def test_a_dead_engine_is_reported_and_nothing_hangs(gguf_path):
+    llm = LLM(gguf_path, n_ctx=CTX)
+    app = create_app(llm, max_batch=1, max_queue=2)
+    scheduler = app.state.scheduler
+    scheduler.engine = _Slow(llm.engine, 0.02)
+    with serving(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        with http.stream("POST", "/v1/completions", json=LONG) as stream:
+            lines = stream.iter_lines()
+            next(lines)  # it is generating
+
+            def die():
+                raise _Fatal("injected")
+            scheduler._expire = die  # the engine loop's next turn dies
+            rest = [line for line in lines if line]  # the stream ends, with an error, instead of hanging
+        assert any('"error"' in line for line in rest) and rest[-1] == "data: [DONE]"
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        started = time.monotonic()
+        error = error_of(http.post("/v1/completions", json={"prompt": "hi"}), 503)
+        assert time.monotonic() - started < 2 and "engine" in error["message"]
+
+
+DYING_SERVER = """
+import sys
+from tritlm.cli import main
+from tritlm.server.scheduler import Scheduler
+
+expire = Scheduler._expire
+class Fatal(BaseException):
+    pass
+def dying(self):  # a request for 77 tokens kills the engine thread
+    if any(job.max_tokens == 77 for job in self.waiting):
+        raise Fatal("injected")
+    expire(self)
+Scheduler._expire = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_the_server_whatever_became_of_the_engine(gguf_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", DYING_SERVER, "serve", "-m", str(gguf_path), "-c", str(CTX),
+                               "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        response = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 77}, timeout=5)
+        assert response.status_code == 503  # the request that met the fault fails; nothing hangs
+        assert httpx.get(url + "/health", timeout=5).status_code == 503
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises it once it has shut down
+        assert "injected" in server.stderr.read()  # the traceback is in the log
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def counted(gguf_path):
+    """An LLM whose tokenizing and chat rendering take 1 s each (a long text's), counted."""
+    llm = LLM(gguf_path, n_ctx=CTX)
+    calls = []
+    tokenize, chat_prompt = llm.tokenize, llm.chat_prompt
+
+    def slow(real):
+        def call(*args, **kw):
+            calls.append(real.__name__)
+            time.sleep(1.0)
+            return real(*args, **kw)
+        return call
+    llm.tokenize, llm.chat_prompt = slow(tokenize), slow(chat_prompt)
+    return llm, calls
+
+
+def test_tokenizing_does_not_stall_the_server(counted):
+    """Endpoints tokenized inside the event loop: a long text stalled every other client (even
+    /health) for as long as it took."""
+    llm, calls = counted
+    with serving(create_app(llm, max_batch=2)) as url:
+        reply = {}
+        thread = threading.Thread(target=lambda: reply.update(r=httpx.post(
+            url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=30)))
+        thread.start()
+        while not calls:
+            time.sleep(0.005)
+        worst = 0.0
+        while thread.is_alive():
+            started = time.monotonic()
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.02)
+        assert reply["r"].status_code == 200 and calls == ["chat_prompt", "tokenize"]
+        assert worst < 0.5, f"/health took {worst:.2f} s while a prompt was tokenized"
+
+
+def test_counts_and_lengths_are_checked_before_tokenizing(counted):
+    llm, calls = counted
+    with serving(create_app(llm, max_batch=2, max_queue=2, max_body_bytes=1 << 20)) as url:
+        post = lambda path, body: httpx.post(url + path, json=body, timeout=30)  # noqa: E731
+        cases = [("/v1/embeddings", {"input": ["hi"] * 2049}, "input", None),
+                 ("/v1/completions", {"prompt": ["hi"] * 5}, "prompt", None),  # 5 sequences: 2 slots + 2 queued
+                 ("/v1/completions", {"prompt": ["hi"] * 2, "n": 3}, "n", None),
+                 ("/v1/completions", {"prompt": "hi " * 100_000}, "prompt", "context_length_exceeded"),
+                 ("/v1/embeddings", {"input": ["hi", "hi " * 100_000]}, "input", "context_length_exceeded"),
+                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 100_000}]},
+                  "messages", "context_length_exceeded")]
+        for path, body, param, code in cases:
+            error = error_of(post(path, body), 400)
+            assert (error["param"], error["code"]) == (param, code), (path, error)
+        assert calls == []  # refused untokenized
+
+
+def test_the_body_size_is_limited(gguf_path):
+    llm = LLM(gguf_path, n_ctx=CTX)
+    with serving(create_app(llm, max_body_bytes=2000)) as url:
+        small = {"prompt": "hi", "max_tokens": 2, "user": "x" * 1500}
+        assert httpx.post(url + "/v1/completions", json=small).status_code == 200
+        big = small | {"user": "x" * 2500}
+        error = error_of(httpx.post(url + "/v1/completions", json=big), 413)  # by its Content-Length
+        assert error["code"] == "request_too_large" and "2000" in error["message"]
+
+        def chunks():  # no Content-Length: counted as it comes
+            body = json.dumps(big).encode()
+            for i in range(0, len(body), 500):
+                yield body[i : i + 500]
+        assert error_of(httpx.post(url + "/v1/completions", content=chunks(),
+                                   headers={"content-type": "application/json"}), 413)
+        assert httpx.post(url + "/v1/completions", json=small).status_code == 200
+
+
+def test_bodies_costly_to_parse_are_refused_cheaply(base_url):
+    """Parsing and validating run on the event loop: a body of countless tiny arrays or objects, or
+    a list of countless items, is refused before (or without) its items being built and checked."""
+    post = lambda path, content: httpx.post(base_url + path, content=content,  # noqa: E731
+                                            headers={"content-type": "application/json"})
+    tiny_arrays = b'{"prompt": [' + b"[]," * 40000 + b"[]]}"
+    assert error_of(post("/v1/completions", tiny_arrays), 400)["code"] == "body_too_complex"
+    messages = json.dumps({"messages": [{"role": "user", "content": "a"}] * 2049}).encode()
+    assert error_of(post("/v1/chat/completions", messages), 400)["param"] == "messages"
+    parts = json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 2049}]}).encode()
+    assert error_of(post("/v1/chat/completions", parts), 400)["param"] == "messages.0.content"
+    prompts = json.dumps({"prompt": [[1]] * 2049}).encode()
+    assert error_of(post("/v1/completions", prompts), 400)["param"] == "prompt"
+    for body in (b"null", b"[1]", b'"text"'):
+        assert error_of(post("/v1/completions", body), 400)["code"] == "invalid_json"
+
+
+def exchange(url, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the server and read until it closes the connection (or `timeout`)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+        return received
+
+
+def test_key_and_size_are_checked_before_the_body_is_read(gguf_path):
+    """A 40 MB body without a key was read and parsed before the 401; now nothing of it is read."""
+    llm = LLM(gguf_path, n_ctx=CTX)
+    with serving(create_app(llm, api_key="s3cret")) as url:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        answer = exchange(url, head + b"Content-Length: 40000000\r\n\r\n{", timeout=3)
+        assert answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer
+        keyed = head + b"Authorization: Bearer s3cret\r\n"
+        answer = exchange(url, keyed + b"Content-Length: 40000000\r\n\r\n{", timeout=3)
+        assert answer.startswith(b"HTTP/1.1 413")
+
+
+def test_slow_and_half_open_clients_are_cut_off(gguf_path):
+    """A request (head and body) must arrive within the read timeout; uvicorn alone waited for ever."""
+    llm = LLM(gguf_path, n_ctx=CTX)
+    with serving(create_app(llm), read_timeout=0.5) as url:
+        for data in (b"", b"GET /health HTTP/1.1\r\nHo",
+                     b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro"):
+            started = time.monotonic()
+            assert exchange(url, data, timeout=5) == b""  # closed, unanswered
+            assert time.monotonic() - started < 3
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_long_stop_string_is_one_stop_string(client):
+    """The 16-item limit on `stop` was applied to a string's length too."""
+    reply = client.completions.create(model="tiny.gguf", prompt="The quick", stop="a stop string of 33 characters..",
+                                      max_tokens=3, extra_body=NO_EOS)
+    assert reply.choices[0].finish_reason == "length"
+
+
+SURROGATE = "bad \ud800 text"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": SURROGATE}]}, "messages.0.name"),
+    ("/v1/completions", {"prompt": SURROGATE}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", SURROGATE]}, "prompt"),  # the message says: item 1
+    ("/v1/completions", {"prompt": "hi", "stop": [SURROGATE]}, "stop.0"),
+    ("/v1/completions", {"prompt": "hi", "model": SURROGATE}, "model"),
+    ("/v1/embeddings", {"input": SURROGATE}, "input"),
+])
+def test_lone_surrogates_are_refused_by_name(base_url, path, body, param):
+    """A lone surrogate (valid JSON, not valid Unicode text) reached the tokenizer: a 500."""
+    error = error_of(httpx.post(base_url + path, **raw(body)), 400)
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
+def test_internal_errors_say_nothing_but_go_to_the_log(gguf_path, caplog):
+    llm = LLM(gguf_path, n_ctx=CTX)
+
+    def broken(messages):
+        raise RuntimeError("secret internal detail")
+    llm.chat_prompt = broken
+    with serving(create_app(llm)) as url, caplog.at_level(logging.ERROR):
+        error = error_of(httpx.post(url + "/v1/chat/completions",
+                                    json={"messages": [{"role": "user", "content": "hi"}]}), 500)
+        assert error["type"] == "server_error" and error["message"].startswith("internal error")
+        assert "secret" not in error["message"] and "RuntimeError" not in error["message"]
+        request_id = error["message"].split()[-1].strip("()")
+        assert any("secret internal detail" in r.getMessage() + str(r.exc_info) and request_id in r.getMessage()
+                   for r in caplog.records)
+
+
+def test_foreign_host_names_are_refused(gguf_path):
+    """DNS rebinding: a web page's script reaching a key-less server on 127.0.0.1 sends its own
+    host name in Host."""
+    llm = LLM(gguf_path, n_ctx=CTX)
+    with serving(create_app(llm, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])) as url:
+        port = url.rsplit(":", 1)[1]
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+            error = error_of(httpx.get(url + "/v1/models", headers={"host": host}), 400)
+            assert error["code"] == "invalid_host"
+        for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert httpx.get(url + "/v1/models", headers={"host": host}).status_code == 200, host
+
+
 # ------------------------------------------------------------------ queue and slots
 
 LONG = {"prompt": "The quick", "max_tokens": CTX - 10, "ignore_eos": True, "stream": True}
@@ -307,15 +670,18 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(gguf_path):
 
 
 class _Slow:
-    """The engine, with a pause in every forward and a log of what each one advanced."""
+    """The engine, with a pause in every forward and a log of what each one advanced; the logits
+    of the sequences `nan_for` picks are NaN."""
 
     def __init__(self, engine, pause: float):
         self.engine, self.pause, self.log = engine, pause, []
+        self.nan_for = lambda sequence: False
 
     def forward(self, batch):
         self.log.append([len(tokens) for _, tokens in batch])
         time.sleep(self.pause)
-        return self.engine.forward(batch)
+        rows = self.engine.forward(batch)
+        return [np.full_like(row, np.nan) if self.nan_for(seq) else row for (seq, _), row in zip(batch, rows)]
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -423,35 +789,62 @@ def test_serve_flags():
     args = build_parser().parse_args(["serve", "-m", "x.gguf", "-p", "Be brief.", "-n", "64", "-t", "2",
                                       "-c", "1024", "--temperature", "0.5", "--host", "0.0.0.0", "--port", "9000",
                                       "--api-key", "k", "--max-batch", "4", "--max-queue", "9",
-                                      "--ctx-per-slot", "512"])
+                                      "--ctx-per-slot", "512", "--max-body-bytes", "1000", "--read-timeout", "5",
+                                      "--allowed-hosts", "a.example,b.example"])
     assert (args.model, args.prompt, args.n_predict, args.threads, args.ctx_size, args.temperature) == \
         ("x.gguf", "Be brief.", 64, 2, 1024, 0.5)
     assert (args.host, args.port, args.api_key, args.max_batch, args.max_queue, args.ctx_per_slot) == \
         ("0.0.0.0", 9000, "k", 4, 9, 512)
+    assert (args.max_body_bytes, args.read_timeout, args.allowed_hosts) == (1000, 5.0, "a.example,b.example")
     defaults = build_parser().parse_args(["serve"])
     assert defaults.host == "127.0.0.1" and defaults.model is None
+    assert (defaults.max_body_bytes, defaults.read_timeout, defaults.allowed_hosts) == (256 * 1024, 60.0, None)
+
+
+@pytest.mark.parametrize("host, key, given, expected", [
+    ("127.0.0.1", None, None, ["localhost", "127.0.0.1", "[::1]"]),  # key-less on loopback: checked
+    ("localhost", None, None, ["localhost", "127.0.0.1", "[::1]"]),
+    ("::1", None, None, ["localhost", "127.0.0.1", "[::1]"]),
+    ("127.0.0.2", None, None, ["localhost", "127.0.0.1", "[::1]"]),
+    ("127.0.0.1", "k", None, None),  # a key guards it
+    ("0.0.0.0", None, None, None),  # meant to be reached by any name
+    ("127.0.0.1", None, "proxy.example, localhost", ["proxy.example", "localhost"]),
+    ("0.0.0.0", "k", "*", ["*"]),
+])
+def test_default_allowed_hosts(host, key, given, expected):
+    from tritlm.cli.serve import allowed_hosts
+    assert allowed_hosts(host, key, given) == expected
 
 
 def test_serve_command(gguf_path, oracle, monkeypatch):
     seen = {}
 
     def run(app, host, port, **kw):  # instead of uvicorn.run: serve the app here, try it, stop
-        seen.update(host=host, port=port)
+        seen.update(host=host, port=port, options=kw, frozen=gc.get_freeze_count())
         with serving(app) as url:
             seen["models"] = httpx.get(url + "/v1/models").status_code
+            seen["too_large"] = httpx.post(url + "/v1/completions", content=b"x" * 2000,
+                                           headers={"Authorization": "Bearer k"}).status_code
             seen["reply"] = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer k"},
                                        json={"messages": [{"role": "user", "content": "hi"}], **NO_EOS}).json()
             seen["health"] = httpx.get(url + "/health").json()
+            seen["foreign_host"] = httpx.get(url + "/health", headers={"host": "evil.example"}).status_code
 
     monkeypatch.setattr(uvicorn, "run", run)
     assert main(["serve", "-m", str(gguf_path), "-c", "64", "-n", "3", "-p", "Be brief.", "--max-batch", "2",
-                 "--api-key", "k", "--port", "9999"]) == 0
-    assert (seen["host"], seen["port"], seen["models"]) == ("127.0.0.1", 9999, 401)
+                 "--api-key", "k", "--port", "9999", "--max-body-bytes", "1000", "--read-timeout", "7"]) == 0
+    assert (seen["host"], seen["port"], seen["models"], seen["too_large"]) == ("127.0.0.1", 9999, 401, 413)
+    assert seen["options"]["http"].keywords == {"read_timeout": 7.0}
+    assert seen["options"]["timeout_graceful_shutdown"] and seen["options"]["timeout_keep_alive"]
+    assert seen["frozen"] > 0 and gc.get_freeze_count() == 0  # the model etc. frozen while serving
     assert seen["health"]["slots_total"] == 2
     usage = seen["reply"]["usage"]
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert usage["completion_tokens"] == 3  # -n: the default max_tokens
     assert usage["prompt_tokens"] == oracle.create_chat_completion(system, max_tokens=1)["usage"]["prompt_tokens"]
+    assert seen["foreign_host"] == 200  # a key guards it: any host name
+    assert main(["serve", "-m", str(gguf_path), "-c", "64"]) == 0  # key-less, on loopback: host names checked
+    assert seen["foreign_host"] == 400
     assert main(["serve", "-m", str(gguf_path), "-c", "64", "--ctx-per-slot", "65"]) == 2  # a clear error
 
 

@@ -3,6 +3,7 @@ the unscaled distribution, then temperature (the order llama.cpp uses), then a s
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -19,12 +20,15 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: minus this once for any recent token
     frequency_penalty: float = 0.0  # OpenAI's: minus this per recent occurrence
     repeat_last_n: int = 64  # "recent": the last this many tokens of the context (0: no penalties)
-    seed: int | None = None  # same seed, same prompt: same text
+    seed: int | None = None  # any integer (taken modulo 2**64); same seed, same prompt: same text
 
     def __post_init__(self):
-        checks = [("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"sampling parameter seed={self.seed!r} is not an integer")
+        # comparisons are False for NaN; infinities are refused explicitly
+        checks = [("temperature", 0 <= self.temperature < math.inf), ("top_k", self.top_k >= 0),
                   ("top_p", 0 < self.top_p <= 1), ("min_p", 0 <= self.min_p <= 1),
-                  ("repeat_penalty", self.repeat_penalty > 0), ("repeat_last_n", self.repeat_last_n >= 0),
+                  ("repeat_penalty", 0 < self.repeat_penalty < math.inf), ("repeat_last_n", self.repeat_last_n >= 0),
                   ("presence_penalty", -2 <= self.presence_penalty <= 2),
                   ("frequency_penalty", -2 <= self.frequency_penalty <= 2)]
         for name, ok in checks:
@@ -35,7 +39,8 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        # numpy takes seeds >= 0 only; OpenAI's are any integer
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
 
     def __call__(self, logits: np.ndarray, context: list[int]) -> int:
         """The next token after `context` (prompt and generated tokens so far)."""
@@ -52,7 +57,7 @@ class Sampler:
             keep, probs = keep[kept], probs[kept]
         if p.top_p < 1:
             keep = keep[_nucleus(probs, p.top_p)]
-        probs = _softmax(logits[keep] / p.temperature)
+        probs = _softmax(logits[keep], p.temperature)
         return int(keep[self.rng.choice(len(keep), p=probs)])
 
     def _penalized(self, logits: np.ndarray, context: list[int]) -> np.ndarray:
@@ -90,6 +95,9 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
         k = k * 16 if k * 16 < len(probs) // 4 else len(probs)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
+def _softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    # shifted before the division: the best logit gives exp(0) = 1 at any temperature, and where
+    # a tiny one overflows the others to -inf they get exp(-inf) = 0, never a NaN
+    with np.errstate(over="ignore"):
+        e = np.exp((x - x.max()) / temperature)
     return e / e.sum()

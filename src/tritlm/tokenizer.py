@@ -451,7 +451,8 @@ class Tokenizer:
                 plain.encode_special_tokens = True
                 self._hf_plain = plain
             hf = self._hf_plain
-        ids = hf.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL (encode holds it): a long text doesn't stall other threads
+        ids = hf.encode_batch([text], add_special_tokens=False)[0].ids
         bos = self._marker(add_bos, self._add_bos, self._bos, "BOS")
         eos = self._marker(add_eos, self._add_eos, self._eos, "EOS")
         return bos + ids + eos

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
 
 def add_parser(subparsers) -> None:
     from . import add_device_argument
@@ -37,16 +39,41 @@ def add_parser(subparsers) -> None:
                    help="context of each slot: prompt + completion (default: -c)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take, queueing included; 0: no limit (default 600)")
+    p.add_argument("--max-body-bytes", type=int, default=256 * 1024,
+                   help="largest request body taken; larger ones get 413 (default 262144: 256 KiB)")
+    p.add_argument("--read-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a whole request, head and body, from when it "
+                        "connects (or its previous response ended); then the connection is closed (default 60)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated host names the Host header may carry, '*' for any (default: "
+                        "localhost,127.0.0.1,[::1] when listening on a loopback address without an API "
+                        "key, against DNS rebinding; else any)")
     p.set_defaults(func=run)
 
 
+def allowed_hosts(host: str, api_key: str | None, given: str | None) -> list[str] | None:
+    """The Host header names to answer to (None: any). A key-less server on a loopback address
+    trusts whoever can reach it, so it must not be reachable by another name: a web page whose
+    host name its attacker points at 127.0.0.1 (DNS rebinding) would send its own."""
+    import ipaddress
+
+    if given is not None:
+        return [h.strip() for h in given.split(",") if h.strip()]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return list(LOOPBACK_HOSTS) if loopback and api_key is None else None
+
+
 def run(args) -> int:
+    import gc
     import os
 
     try:
         import uvicorn
 
-        from ..server import create_app
+        from ..server import create_app, uvicorn_options
     except ImportError as e:
         raise ValueError(f"the server needs the [server] extra: pip install 'tritlm[server]' ({e})") from e
     from ..api import LLM
@@ -55,15 +82,28 @@ def run(args) -> int:
         raise ValueError("-n must be positive, or -1")
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError("--max-batch must be at least 1 and --max-queue at least 0")
+    if args.max_body_bytes < 1 or not args.read_timeout > 0:
+        raise ValueError("--max-body-bytes must be at least 1 and --read-timeout positive")
+    api_key = args.api_key or os.environ.get("TRITLM_API_KEY") or None
+    hosts = allowed_hosts(args.host, api_key, args.allowed_hosts)
+    if hosts == []:
+        raise ValueError("--allowed-hosts names no host ('*' allows any)")
     llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device)
     ctx = args.ctx_per_slot or args.ctx_size or min(llm.n_ctx, 2048)
     if ctx > llm.n_ctx:
         raise ValueError(f"--ctx-per-slot {ctx} exceeds the context size {llm.n_ctx}")
-    app = create_app(llm, api_key=args.api_key or os.environ.get("TRITLM_API_KEY") or None,
+    app = create_app(llm, api_key=api_key, allowed_hosts=hosts, max_body_bytes=args.max_body_bytes,
                      max_batch=args.max_batch, max_queue=args.max_queue, ctx_per_slot=ctx,
                      max_tokens=args.n_predict, temperature=args.temperature, system_prompt=args.prompt,
                      timeout=args.timeout or None)
     print(f"tritlm: serving {llm.model_name} on http://{args.host}:{args.port}/ "
           f"({args.max_batch} slots of {ctx} tokens)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # what is loaded now lives as long as the server: spare the collector walking it (100 ms here)
+    # on every full collection, which a request body of many small JSON arrays can set off
+    gc.freeze()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    **uvicorn_options(read_timeout=args.read_timeout))
+    finally:
+        gc.unfreeze()
     return 0

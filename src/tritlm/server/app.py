@@ -1,5 +1,11 @@
 """The OpenAI-compatible HTTP API over a `Scheduler`: request checking, prompts, responses shaped
-like OpenAI's (server-sent events when streaming), errors as OpenAI error objects."""
+like OpenAI's (server-sent events when streaming), errors as OpenAI error objects.
+
+Nothing slow runs on the event loop: rendering chat templates and tokenizing go to worker threads,
+after the cheap checks (counts, lengths) that can refuse a request without them. The JSON body is
+parsed on it (the parser holds the GIL wherever it runs), so its cost is bounded: by the body's
+size, and by the number of arrays and objects in it, each of which costs far more than its bytes
+(the collector walks them too)."""
 
 from __future__ import annotations
 
@@ -7,30 +13,45 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections import Counter
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from ..chat import ChatTemplateError
 from ..sampling import SamplingParams
 from .protocol import ChatRequest, CompletionRequest, EmbeddingRequest
-from .scheduler import Job, Scheduler, ServerError
+from .scheduler import Job, Scheduler, ServerError, internal_error
+
+log = logging.getLogger("tritlm.server")
+
+# the body is parsed on the event loop: 256 KiB of the costliest JSON (token ids) takes 8-13 ms
+# here, a MiB four times that; a request to a server of 2k-4k-token slots is rarely over 50 KB
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+# '[' and '{' in a body, strings included: a legitimate request holds at most 2048 messages,
+# prompts or inputs (the protocol's caps); 256 KiB of "[]," would be 87000 arrays
+MAX_JSON_CONTAINERS = 32768
 
 
-def create_app(llm, *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
+def create_app(llm, *, api_key: str | None = None, allowed_hosts: list[str] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch: int = 8, max_queue: int = 64,
                ctx_per_slot: int | None = None, max_tokens: int = 512, temperature: float = 0.8,
                system_prompt: str | None = None, prefill_chunk: int = 64,
                timeout: float | None = 600.0, model_id: str | None = None) -> FastAPI:
     """A FastAPI app serving `llm` (a `tritlm.LLM`). max_tokens and temperature are the defaults
     of requests that give none (max_tokens -1: until the slot's context is full); system_prompt
-    starts chats that have no system message."""
+    starts chats that have no system message. allowed_hosts: the host names the Host header may
+    carry (None or "*": any); max_body_bytes: the largest request body taken (else 413)."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     ctx = ctx_per_slot or llm.n_ctx
     scheduler = Scheduler(llm.engine, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
                           ctx_per_slot=ctx, prefill_chunk=prefill_chunk, timeout=timeout)
@@ -46,34 +67,19 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 8, max_queue
     # no /docs: Swagger's page loads from a CDN, and nothing here may need the internet
     app = FastAPI(title="tritlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.api = scheduler, api
-    app.add_middleware(_CountRequests, counts=http_counts)
+    app.add_middleware(_Guard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
+    app.add_middleware(_CountRequests, counts=http_counts)  # outermost: it counts the Guard's refusals too
 
     @app.exception_handler(ServerError)
     async def server_error(request, e: ServerError):
         return _error(e)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request, e: RequestValidationError):
-        return _error(_validation_error(e))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return _error(ServerError(e.status_code, str(e.detail), kind))
 
-    @app.exception_handler(Exception)
-    async def crash(request, e: Exception):
-        return _error(ServerError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ServerError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                              code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1")  # the API key is checked by _Guard, before the body is read
 
     @v1.get("/models")
     async def models():
@@ -85,22 +91,24 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 8, max_queue
         return api.model_card()
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        return await api.generate(body, request, chat=True)
+    async def chat_completions(request: Request):
+        return await api.generate(await _parse(request, ChatRequest), request, chat=True)
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await api.generate(body, request, chat=False)
+    async def completions(request: Request):
+        return await api.generate(await _parse(request, CompletionRequest), request, chat=False)
 
     @v1.post("/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request):
-        return await api.embed(body, request)
+    async def embeddings(request: Request):
+        return await api.embed(await _parse(request, EmbeddingRequest), request)
 
     app.include_router(v1)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": api.model_id} | scheduler.state()
+        alive = scheduler.alive  # False if the engine thread died: then this server is of no use
+        return JSONResponse({"status": "ok" if alive else "error", "model": api.model_id} | scheduler.state(),
+                            status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -124,6 +132,10 @@ class _API:
         self.model_id, self.ctx, self.max_tokens = model_id, ctx, max_tokens
         self.temperature, self.system_prompt = temperature, system_prompt
         self.created = int(time.time())
+        # a token stands for at most this many bytes, so no text of more characters than
+        # ctx * longest fits a slot: longer ones are refused without being tokenized
+        longest = max(len(self.tokenizer.token_bytes(t)) for t in range(self.tokenizer.vocab_size))
+        self.max_chars = ctx * max(longest, 1)
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tritlm"}
@@ -134,6 +146,13 @@ class _API:
                               f"'{self.model_id}'", param="model", code="model_not_found")
 
     # ------------------------------------------------------------------ prompts
+    # check_* run on the event loop and must stay cheap; *_ids tokenize, in a worker thread
+
+    def check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_chars:
+            raise ServerError(400, f"'{param}' is far too long ({chars} characters) for this server's "
+                              f"context of {self.ctx} tokens per request", param=param,
+                              code="context_length_exceeded")
 
     def encode(self, text: str, param: str) -> list[int]:
         bos = self.tokenizer.bos_id
@@ -153,23 +172,33 @@ class _API:
                               f"{self.ctx} per request", param=param, code="context_length_exceeded")
         return ids
 
-    def chat_ids(self, body: ChatRequest) -> list[int]:
+    def chat_messages(self, body: ChatRequest) -> list[dict]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     | ({"name": m.name} if m.name else {}) for m in body.messages]
         if self.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        try:
-            return self.encode(self.llm.chat_prompt(messages), "messages")
-        except ChatTemplateError as e:
-            raise ServerError(400, f"the chat template failed: {e}", param="messages") from e
+        self.check_length(sum(len(m["content"]) for m in messages), "messages")
+        return messages
 
-    def completion_ids(self, body: CompletionRequest) -> list[list[int]]:
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            prompt = self.llm.chat_prompt(messages)
+        except ValueError as e:  # the template refused them (a role it lacks, raise_exception...)
+            raise ServerError(400, f"the chat format refused the messages: {e}", param="messages") from e
+        return self.encode(prompt, "messages")
+
+    def completion_prompts(self, body: CompletionRequest) -> list[str] | list[list[int]]:
+        """The prompts, as texts or token-id lists."""
         p = body.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], str)):
-            return [self.encode(text, "prompt") for text in ([p] if isinstance(p, str) else p)]
-        if isinstance(p[0], int):
-            return [self.check_ids(list(p), "prompt")]
-        return [self.check_ids(list(ids), "prompt") for ids in p]
+        prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else p
+        if isinstance(prompts[0], str):
+            for text in prompts:
+                self.check_length(len(text), "prompt")
+        return prompts
+
+    def completion_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+        return [self.encode(p, "prompt") if isinstance(p, str) else self.check_ids(list(p), "prompt")
+                for p in prompts]
 
     # --------------------------------------------------------------- generation
 
@@ -177,16 +206,22 @@ class _API:
         self.check_model(body.model)
         if not chat and body.echo:
             raise ServerError(400, "echo is not supported", param="echo")
-        prompts = [self.chat_ids(body)] if chat else self.completion_ids(body)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         if stop and not all(stop):
             raise ServerError(400, "stop strings must not be empty", param="stop")
         if chat:
+            messages = self.chat_messages(body)
+            prompts = [await run_in_threadpool(self.chat_ids, messages)]
             requested = body.max_completion_tokens or body.max_tokens
             top = (body.top_logprobs or 0) if body.logprobs else None
         else:
+            texts = self.completion_prompts(body)
+            self.scheduler.check_size(len(texts) * body.n, "n" if body.n > 1 else "prompt")
+            prompts = await run_in_threadpool(self.completion_ids, texts)
             requested, top = body.max_tokens, body.logprobs
         t = self.temperature if body.temperature is None else body.temperature
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.model_id}
         run = _Run()
         jobs = []
         for ids in prompts:
@@ -201,10 +236,8 @@ class _API:
                     seed=None if body.seed is None else body.seed + j)  # choices differ, reproducibly
                 jobs.append(Job(prompt=ids, on_event=run.sink(len(jobs)), params=params,
                                 max_tokens=min(limit, room), stop=stop, ignore_eos=body.ignore_eos,
-                                logprobs=top))
+                                logprobs=top, id=head["id"]))
         self.scheduler.submit(jobs)
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": self.model_id}
         shape = _Shape(self, chat, head, sum(len(ids) for ids in prompts))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -250,6 +283,10 @@ class _API:
                 if include_usage:
                     yield _data(shape.head | {"object": shape.chunk_object, "choices": [], "usage": shape.usage()})
             yield "data: [DONE]\n\n"
+        except Exception:  # a fault in shaping this stream: it alone ends, with an error event
+            log.exception("request %s failed", shape.head["id"])
+            yield _data({"error": _error_body(internal_error(shape.head["id"]))})
+            yield "data: [DONE]\n\n"
         finally:  # the stream ended, or the client left (starlette cancels this generator)
             self.scheduler.cancel(jobs)
 
@@ -261,17 +298,15 @@ class _API:
         if body.dimensions not in (None, hidden):
             raise ServerError(400, f"this model's embeddings have {hidden} dimensions", param="dimensions")
         x = body.input
-        if isinstance(x, str) or isinstance(x[0], str):
-            texts = [x] if isinstance(x, str) else x
-            if not all(texts):
+        items = [x] if isinstance(x, str) or isinstance(x[0], int) else x  # at most 2048 (the protocol's cap)
+        if isinstance(items[0], str):
+            if not all(items):
                 raise ServerError(400, "'input' must not contain empty strings", param="input")
-            inputs = [self.check_ids(self.llm.tokenize(t), "input", room=0) for t in texts]
-        else:
-            inputs = [self.check_ids(list(ids), "input", room=0) for ids in ([x] if isinstance(x[0], int) else x)]
-        if len(inputs) > 2048:
-            raise ServerError(400, "at most 2048 inputs per request", param="input")
+            for text in items:
+                self.check_length(len(text), "input")
+        inputs = await run_in_threadpool(self.embedding_ids, items)
         run = _Run()
-        job = Job(prompt=[], inputs=inputs, on_event=run.sink(0))
+        job = Job(prompt=[], inputs=inputs, on_event=run.sink(0), id=f"emb-{uuid.uuid4().hex}")
         self.scheduler.submit([job])
         watcher = asyncio.ensure_future(self._watch(request, [job]))
         try:
@@ -288,6 +323,10 @@ class _API:
         n = sum(len(ids) for ids in inputs)
         return {"object": "list", "data": data, "model": self.model_id,
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    def embedding_ids(self, items: list[str] | list[list[int]]) -> list[list[int]]:
+        return [self.check_ids(self.llm.tokenize(t) if isinstance(t, str) else list(t), "input", room=0)
+                for t in items]
 
     # -------------------------------------------------------------------- tokens
 
@@ -383,11 +422,31 @@ def _error(e: ServerError) -> JSONResponse:
     return JSONResponse({"error": _error_body(e)}, status_code=e.status, headers=headers)
 
 
-def _validation_error(e: RequestValidationError) -> ServerError:
-    first = e.errors()[0]
-    if first.get("type") == "json_invalid":
-        return ServerError(400, "the request body is not valid JSON", code="invalid_json")
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+async def _parse(request: Request, model):
+    """The request's body as `model` (a protocol class), or a 400."""
+    raw = await request.body()
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        raise ServerError(400, f"the request body holds over {MAX_JSON_CONTAINERS} '[' and '{{' (JSON arrays "
+                          "and objects, or in strings); send fewer messages, prompts or inputs at once",
+                          code="body_too_complex")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, digits past Python's limit, deep nesting
+        raise ServerError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ServerError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from None
+
+
+def _validation_error(errors: list[dict]) -> ServerError:
+    # a union field reports each member's error; the telling one is from the member whose shape
+    # the value had (not a type mismatch), the deepest: ["ok", 7] is a list[str] wrong at [1]
+    field = [x for x in errors if x.get("loc", ())[:1] == errors[0].get("loc", ())[:1]]
+    first = max(field, key=lambda x: (not x.get("type", "").endswith("_type"), len(x.get("loc", ()))))
+    loc = [str(part) for part in first.get("loc", ())]
     # a union's error names the member tried in loc ("str", "list[int]", "TextPart"): drop those
     param = ".".join(p for p in loc if p not in ("str", "int", "float", "bool") and "[" not in p
                      and not p[:1].isupper()) or None
@@ -409,7 +468,8 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]
+        status = [499]  # nginx's "client closed request": it left (or was cut off) before any answer;
+        # a fault below answers 500 (in _Guard)
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -422,6 +482,93 @@ class _CountRequests:
             path = scope["path"]
             route = path if path in self.ROUTES else "/v1/models" if path.startswith("/v1/models/") else "other"
             self.counts[(route, status[0])] += 1
+
+
+class _Guard:
+    """ASGI middleware: what a request must pass before the API parses anything (a 40 MB body
+    without a key costs nothing), in order: its Host header (a DNS-rebinding page sends its own
+    name), the API key (on /v1/*), the body's size (by Content-Length, then counted as it comes);
+    then the body, read whole here, goes on to the API. It also turns a fault anywhere below into
+    a 500 that says nothing but "internal error" and a request id, the traceback going to the log."""
+
+    def __init__(self, app, *, api_key: str | None, allowed_hosts: list[str] | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.hosts = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            self._check(scope)
+            body = await self._body(receive)
+        except ServerError as e:
+            response = _error(e)
+            response.headers["connection"] = "close"  # what is left of the body stays unread
+            return await response(scope, receive, send)
+        if body is None:  # the client left
+            return
+        started = False
+
+        async def replay():  # the body, then whatever comes next (a disconnect)
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
+
+        async def send_started(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, send_started)
+        except Exception:
+            if started:  # too late for a response: uvicorn logs it and drops the connection
+                raise
+            request_id = uuid.uuid4().hex
+            log.exception("request %s failed", request_id)
+            await _error(internal_error(request_id))(scope, receive, send)
+
+    def _check(self, scope) -> None:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if self.hosts is not None and _hostname(host) not in self.hosts:
+            raise ServerError(400, f"this server does not answer to the host name {host!r} (allowed: "
+                              f"{', '.join(sorted(self.hosts))}; see --allowed-hosts)", code="invalid_host")
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                raise ServerError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                  code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise self._too_large()
+
+    async def _body(self, receive) -> bytes | None:
+        """The whole body; None if the client left first."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _too_large(self) -> ServerError:
+        return ServerError(413, f"the request body is larger than this server's limit of "
+                           f"{self.max_body_bytes} bytes", code="request_too_large")
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without the port: "[::1]:8080" -> "[::1]"."""
+    name = host[: host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
+    return name.lower()
 
 
 def _metrics(scheduler: Scheduler, http_counts: Counter) -> str:

@@ -9,12 +9,19 @@ in a bounded FIFO queue for a slot. Cancelling (a client left) frees the slot at
 boundary; a request past its deadline ends with a timeout error.
 
 Everything a request produces reaches its `on_event` callback, called on the engine thread.
+
+A fault is confined to what it touches: one request's admission, sampling, text or callback fails
+that request alone; a failed forward pass fails the requests in that step. Either way the client
+gets an opaque 500 and the traceback goes to the log. Should the engine thread die all the same,
+every waiting request fails at once, new ones are refused (503) and `alive` turns False.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +31,8 @@ import numpy as np
 from ..generation import TextStream
 from ..sampling import Sampler, SamplingParams
 
+log = logging.getLogger("tritlm.server")
+
 
 class ServerError(Exception):
     """An error for the client: HTTP status, and OpenAI's error `type`, `param` and `code`."""
@@ -32,6 +41,11 @@ class ServerError(Exception):
                  param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def internal_error(request_id: str) -> ServerError:
+    """What a client is told of a fault on the server's side; the details go to the log only."""
+    return ServerError(500, f"internal error (request {request_id})", "server_error")
 
 
 @dataclass
@@ -64,6 +78,7 @@ class Job:
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
     inputs: list[list[int]] | None = None  # an embedding job: mean-pooled vector of each
     timeout: float | None = None  # seconds from submission
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names it in the log
     # state, owned by the engine thread once submitted
     cancelled: bool = False
     finished: bool = False
@@ -137,6 +152,7 @@ class Scheduler:
         self.metrics = Metrics()
         self._cond = threading.Condition()
         self._stopping = False
+        self._ended: ServerError | None = None  # once the engine loop has ended: what submit says
         self._thread = threading.Thread(target=self._loop, name="tritlm-engine", daemon=True)
 
     # ------------------------------------------------------------------ any thread
@@ -155,9 +171,9 @@ class Scheduler:
         """Queue jobs (a request's choices) all together, or raise ServerError 429 if the queue
         can't take them (400 if it never could)."""
         with self._cond:
-            if len(jobs) > self.max_batch + self.max_queue:
-                raise ServerError(400, f"the request needs {len(jobs)} sequences; this server runs "
-                                  f"{self.max_batch} at once and queues {self.max_queue}", param="n")
+            if self._ended:
+                raise self._ended
+            self.check_size(len(jobs))
             if len(self.waiting) + len(jobs) > self.max_queue + len(self.free):
                 self.metrics.requests["rejected"] += 1
                 raise ServerError(429, "the server is busy: too many requests queued; retry later",
@@ -168,6 +184,12 @@ class Scheduler:
                 job.deadline = now + timeout if timeout else float("inf")
                 self.waiting.append(job)
             self._cond.notify_all()
+
+    def check_size(self, sequences: int, param: str = "n") -> None:
+        """ServerError 400 if a request of this many sequences could never be queued."""
+        if sequences > self.max_batch + self.max_queue:
+            raise ServerError(400, f"the request needs {sequences} sequences; this server runs "
+                              f"{self.max_batch} at once and queues {self.max_queue}", param=param)
 
     def cancel(self, jobs: list[Job]) -> None:
         """Drop jobs (the client left): a queued job leaves the queue now, a running one frees its
@@ -188,30 +210,50 @@ class Scheduler:
             return {"slots_total": self.max_batch, "slots_busy": self.max_batch - len(self.free),
                     "queue": len(self.waiting), "running": len(self.running)}
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running: False before start, after stop, or if it died."""
+        return self._thread.is_alive() and self._ended is None
+
     # --------------------------------------------------------------- engine thread
 
     def _loop(self) -> None:
-        while True:
+        try:
+            while self._turn():
+                pass
+        except BaseException:  # the thread ends here either way; the log says why
+            log.exception("the engine thread died")
+        finally:  # nobody may wait for a thread that is gone
             with self._cond:
-                if self._stopping:
-                    self._fail_all()
-                    return
-                self._expire()
-                self._admit()
-                if not self.running:
-                    self.metrics.batch_size = 0
-                    wait = min((j.deadline for j in self.waiting), default=float("inf")) - time.monotonic()
-                    self._cond.wait(timeout=min(max(wait, 0.001), 1.0))
-                    continue
-                running = list(self.running.values())
-            try:
-                self._step(running)
-            except Exception as e:  # a bug must not kill the engine thread: fail this step's jobs
-                with self._cond:
-                    for r in running:
-                        self.slots[r.job.slot].truncate(0)  # the cache may be half-written
-                        self.slot_tokens[r.job.slot].clear()
-                        self._finish(r, Event(error=ServerError(500, f"internal error: {e}", "server_error")))
+                self._ended = (ServerError(503, "the server is shutting down", "server_error")
+                               if self._stopping else
+                               ServerError(503, "the engine has stopped (see the server log)", "server_error",
+                                           code="engine_stopped"))
+                self._fail_all(self._ended)
+
+    def _turn(self) -> bool:
+        """Admit what fits, then one step; False when stopping."""
+        with self._cond:
+            if self._stopping:
+                return False
+            self._expire()
+            self._admit()
+            if not self.running:
+                self.metrics.batch_size = 0
+                wait = min((j.deadline for j in self.waiting), default=float("inf")) - time.monotonic()
+                self._cond.wait(timeout=min(max(wait, 0.001), 1.0))
+                return True
+            running = list(self.running.values())
+        try:
+            self._step(running)
+        except Exception:  # the shared forward failed: every job of the step fails
+            log.exception("an engine step failed")
+            with self._cond:
+                for r in running:
+                    self.slots[r.job.slot].truncate(0)  # the cache may be half-written
+                    self.slot_tokens[r.job.slot].clear()
+                    self._finish(r, Event(error=internal_error(r.job.id)))
+        return True
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -219,7 +261,7 @@ class Scheduler:
             self.waiting.remove(job)
             job.finished = True
             self.metrics.requests["timeout"] += 1
-            job.on_event(Event(error=ServerError(503, "timed out waiting for a free slot", "server_error",
+            _notify(job, Event(error=ServerError(503, "timed out waiting for a free slot", "server_error",
                                                  code="timeout")))
         for r in list(self.running.values()):
             if r.job.cancelled:
@@ -240,7 +282,14 @@ class Scheduler:
             self.slots[slot].truncate(keep)
             del self.slot_tokens[slot][keep:]
             job.slot, job.fed = slot, keep
-            self.running[job] = _Running(job, self.tokenizer)
+            try:
+                self.running[job] = _Running(job, self.tokenizer)
+            except Exception:
+                log.exception("request %s could not start", job.id)
+                job.finished = True
+                self.free.append(slot)
+                self.metrics.requests["error"] += 1
+                _notify(job, Event(error=internal_error(job.id)))
 
     def _step(self, running: list[_Running]) -> None:
         """One engine step: every decoding job gets one token, prefilling ones share a budget of
@@ -263,7 +312,12 @@ class Scheduler:
                 fed.append((r, chunk))
         logits = self.engine.forward(batch) if batch else []
         if embed is not None and budget > 0:
-            self._embed_step(embed, budget)
+            try:
+                self._embed_step(embed, budget)
+            except Exception:
+                self.slots[embed.job.slot].truncate(0)
+                self.slot_tokens[embed.job.slot].clear()
+                self._fail(embed)
         generated = 0  # sampling runs without the lock: the server keeps answering meanwhile
         for (r, tokens), row in zip(fed, logits):
             self.slot_tokens[r.job.slot].extend(tokens)
@@ -274,8 +328,11 @@ class Scheduler:
                     continue
             if r.job.cancelled:  # left during the step: don't sample for nobody
                 continue
-            self._sample(r, row[-1])
-            generated += 1
+            try:
+                self._sample(r, row[-1])
+                generated += 1
+            except Exception:
+                self._fail(r)
         self.metrics.step(len(batch), generated)
 
     def _sample(self, r: _Running, logits: np.ndarray) -> None:
@@ -316,6 +373,11 @@ class Scheduler:
         if r.input == len(job.inputs):
             self._finish(r, Event(embeddings=r.vectors))
 
+    def _fail(self, r: _Running) -> None:
+        """Fail one job over a fault in its own work (call it from the except block)."""
+        log.exception("request %s failed", r.job.id)
+        self._finish(r, Event(error=internal_error(r.job.id)))
+
     def _finish(self, r: _Running, event: Event, count: bool = True) -> None:
         with self._cond:
             if r.job not in self.running:
@@ -323,7 +385,7 @@ class Scheduler:
             self._release(r)
             if count:
                 self.metrics.requests["error" if event.error else "completed"] += 1
-        r.job.on_event(event)
+        _notify(r.job, event)
 
     def _release(self, r: _Running) -> None:
         with self._cond:
@@ -332,14 +394,22 @@ class Scheduler:
             self.free.append(r.job.slot)
             self._cond.notify_all()
 
-    def _fail_all(self) -> None:
-        error = ServerError(503, "the server is shutting down", "server_error")
+    def _fail_all(self, error: ServerError) -> None:
         for r in list(self.running.values()):
             self._finish(r, Event(error=error))
         while self.waiting:
             job = self.waiting.popleft()
             job.finished = True
-            job.on_event(Event(error=error))
+            _notify(job, Event(error=error))
+
+
+def _notify(job: Job, event: Event) -> None:
+    """Send a job its last event: a callback that fails then is only logged (there is nothing
+    left to fail)."""
+    try:
+        job.on_event(event)
+    except Exception:
+        log.exception("request %s: its event callback failed", job.id)
 
 
 def _common(a: list[int], b: list[int]) -> int:
