@@ -897,7 +897,7 @@ def test_chat_page_in_headless_chromium(gguf_path):
         first = [{"role": "user", "content": "def fibonacci"}]
         assert bodies[1]["messages"] == first + [{"role": "assistant", "content": replies[0]},
                                                   {"role": "user", "content": "The quick"}]
-        assert bodies[0]["stream"] is True
+        assert bodies[0]["stream"] is True and bodies[0]["truncate"] == "oldest"
         expected = llm.create_chat_completion(first, max_tokens=24, temperature=0)
         assert replies[0] == expected["choices"][0]["message"]["content"]
         assert bodies[0]["temperature"] == 0 and bodies[0]["max_tokens"] == 24
@@ -907,3 +907,23 @@ def test_chat_page_in_headless_chromium(gguf_path):
         assert page.locator(".msg").count() == 0
         browser.close()
         assert not outside, f"the page fetched {outside}"
+
+
+def test_a_chat_too_long_loses_its_oldest_turns_when_asked(base_url, oracle):
+    """truncate: "oldest" (what the chat page sends): the conversation keeps its newest turns that
+    fit with room for the reply, says how many messages went, and answers as the model does to
+    what is left; without it, a conversation too long is a 400."""
+    turns = [{"role": role, "content": f"message number {i} " * 3}
+             for i in range(12) for role in ("user", "assistant")][:-1]
+    body = {"messages": turns, **GREEDY, **NO_EOS}
+    assert error_of(httpx.post(base_url + "/v1/chat/completions", json=body), 400)["code"] == "context_length_exceeded"
+    reply = httpx.post(base_url + "/v1/chat/completions", json=body | {"truncate": "oldest"}).json()
+    kept, dropped = oracle.fit_chat(turns, GREEDY["max_tokens"])
+    assert reply["dropped_messages"] == dropped > 0
+    expected = oracle.create_chat_completion(kept, **GREEDY)["choices"][0]["message"]["content"]
+    assert reply["choices"][0]["message"]["content"] == expected
+    stream = httpx.post(base_url + "/v1/chat/completions", json=body | {"truncate": "oldest", "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    assert all(c["dropped_messages"] == dropped for c in chunks)
+    last_alone = {"messages": [{"role": "user", "content": "word " * 400}], "truncate": "oldest"}
+    assert error_of(httpx.post(base_url + "/v1/chat/completions", json=last_alone), 400)["code"] == "context_length_exceeded"

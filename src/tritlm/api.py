@@ -216,17 +216,19 @@ class LLM:
             return ({"dropped_messages": dropped} | chunk for chunk in result)
         return result | {"dropped_messages": dropped}
 
-    def fit_chat(self, messages: list[dict], reply_tokens: int) -> tuple[list[dict], int]:
+    def fit_chat(self, messages: list[dict], reply_tokens: int, n_ctx: int | None = None) -> tuple[list[dict], int]:
         """The conversation without its oldest turns (a turn: a user message and what answers
-        it), as few as it takes to leave room for a reply of `reply_tokens` in the context; and
-        how many messages went. System messages and the last turn always stay."""
+        it), as few as it takes to leave room for a reply of `reply_tokens` in the context (n_ctx,
+        default the model's as loaded); and how many messages went. System messages and the last
+        turn always stay."""
+        n_ctx = n_ctx or self.n_ctx
         kept = list(messages)
-        while len(self._encode(self.chat_prompt(kept))) + reply_tokens > self.n_ctx:
+        while len(self._encode(self.chat_prompt(kept))) + reply_tokens > n_ctx:
             first = next((i for i, m in enumerate(kept) if m.get("role") != "system"), len(kept))
             end = next((i for i in range(first + 1, len(kept)) if kept[i].get("role") == "user"), None)
             if end is None:
                 raise ValueError(f"the last message and a reply of {reply_tokens} tokens do not fit "
-                                 f"the context of {self.n_ctx} tokens")
+                                 f"the context of {n_ctx} tokens")
             del kept[first:end]
         return kept, len(messages) - len(kept)
 

@@ -180,12 +180,19 @@ class _API:
         self.check_length(sum(len(m["content"]) for m in messages), "messages")
         return messages
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], fit_reply: int | None = None) -> tuple[list[int], int]:
+        """The prompt's ids, and how many of the oldest messages were dropped to leave room for a
+        reply of `fit_reply` tokens (None: none are dropped)."""
+        dropped = 0
         try:
+            if fit_reply is not None:
+                messages, dropped = self.llm.fit_chat(messages, fit_reply, self.ctx)
             prompt = self.llm.chat_prompt(messages)
-        except ValueError as e:  # the template refused them (a role it lacks, raise_exception...)
-            raise ServerError(400, f"the chat format refused the messages: {e}", param="messages") from e
-        return self.encode(prompt, "messages")
+        except ValueError as e:  # the template refused them (a role it lacks, raise_exception...), or
+            code = "context_length_exceeded" if "do not fit" in str(e) else None  # the last turn can't fit
+            raise ServerError(400, f"the chat format refused the messages: {e}" if code is None else str(e),
+                              param="messages", code=code) from e
+        return self.encode(prompt, "messages"), dropped
 
     def completion_prompts(self, body: CompletionRequest) -> list[str] | list[list[int]]:
         """The prompts, as texts or token-id lists."""
@@ -209,10 +216,14 @@ class _API:
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         if stop and not all(stop):
             raise ServerError(400, "stop strings must not be empty", param="stop")
+        dropped = 0
         if chat:
             messages = self.chat_messages(body)
-            prompts = [await run_in_threadpool(self.chat_ids, messages)]
             requested = body.max_completion_tokens or body.max_tokens
+            fit = None if body.truncate is None else requested or (
+                self.max_tokens if 0 < self.max_tokens < self.ctx // 2 else self.ctx // 4)
+            ids, dropped = await run_in_threadpool(self.chat_ids, messages, fit)
+            prompts = [ids]
             top = (body.top_logprobs or 0) if body.logprobs else None
         else:
             texts = self.completion_prompts(body)
@@ -221,7 +232,7 @@ class _API:
             requested, top = body.max_tokens, body.logprobs
         t = self.temperature if body.temperature is None else body.temperature
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": self.model_id}
+                "model": self.model_id} | ({"dropped_messages": dropped} if dropped else {})
         run = _Run()
         jobs = []
         for ids in prompts:

@@ -106,6 +106,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # tritlm's: a conversation too long for the context loses its oldest turns ("dropped_messages")
+    truncate: Literal["oldest"] | None = None
 
 
 class CompletionRequest(_Sampling):
