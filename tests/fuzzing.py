@@ -21,6 +21,7 @@ config or tokenizer interpret (GGUF metadata numbers, config.json, the tokenizer
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
@@ -77,7 +78,7 @@ class Input:
         os.makedirs(directory)
         for name, content in self.files.items():
             path = os.path.join(directory, name)
-            if content == DIRECTORY:
+            if content is DIRECTORY:
                 os.makedirs(path, exist_ok=True)
             elif isinstance(content, Symlink):
                 os.symlink(content.target, path)
@@ -139,7 +140,6 @@ def write_hf(directory: str, packed: bool, shards: int, seed: int = 0) -> None:
     from tiny_models import tiny_config, write_tokenizer
 
     rng = np.random.default_rng(seed)
-
     config = tiny_config(model_type="bitnet", architectures=["BitNetForCausalLM"],
                          quantization_config={"quant_method": "bitnet", "linear_class": "autobitlinear",
                                               "quantization_mode": "offline" if packed else "online"})
@@ -162,8 +162,9 @@ def write_hf(directory: str, packed: bool, shards: int, seed: int = 0) -> None:
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
 
 
-def write_seeds(directory: str) -> dict:
-    """Write the seeds and the decoys under `directory`; kind -> list of seed Inputs."""
+def write_seeds(directory: str) -> tuple[dict, str]:
+    """Write the seeds and the decoys under `directory`: (kind -> list of seed Inputs, the
+    decoys' directory)."""
     from tritlm.api import default_model_path
     from tritlm.bench.dummy import write_dummy
     from tritlm.models.config import ModelConfig
@@ -192,7 +193,7 @@ def write_seeds(directory: str) -> dict:
         os.makedirs(d)
         write_hf(d, packed, shards)
         seeds[kind] = [Input(kind, {n: _read(os.path.join(d, n)) for n in sorted(os.listdir(d))}, ".")]
-    return seeds
+    return seeds, os.path.join(directory, "decoys")
 
 
 def _read(path: str) -> bytes:
@@ -220,7 +221,8 @@ _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12:
 def gguf_fields(raw: bytes) -> tuple[list, int]:
     """(offset, bytes, role) of every number in a valid GGUF file's header, and where the
     header ends. Roles: version, count, length (of a string or array), type (of a metadata
-    value or array element), value (a metadata number), n_dims, dim, tensor type, offset."""
+    value or array element), value (a metadata number), n_dims, dim, dims (all of a tensor's),
+    tensor type, offset."""
     fields = [(4, 4, "version"), (8, 8, "count"), (16, 8, "count")]
     n_tensors, n_kv = struct.unpack_from("<QQ", raw, 8)
     pos = 24
@@ -252,7 +254,7 @@ def gguf_fields(raw: bytes) -> tuple[list, int]:
     for _ in range(n_tensors):
         pos = string(pos)
         n_dims = struct.unpack_from("<I", raw, pos)[0]
-        fields.append((pos, 4, "n_dims"))
+        fields.extend([(pos, 4, "n_dims"), (pos + 4, 8 * n_dims, "dims")])
         fields.extend((pos + 4 + 8 * d, 8, "dim") for d in range(n_dims))
         pos += 4 + 8 * n_dims
         fields.extend([(pos, 4, "tensor type"), (pos + 4, 8, "offset")])
@@ -268,9 +270,11 @@ class Mutator:
         self._gguf = {id(s): gguf_fields(s.files["model.gguf"]) for s in seeds["gguf"]}
         table = {
             "gguf": [(self.gguf_field, "format", 4), (self.gguf_tensor_type, "format", 1),
+                     (self.gguf_reshape, "format", 1),
                      (self.gguf_flip, "format", 2), (self.gguf_splice, "format", 1),
                      (self.truncate, "format", 1), (self.gguf_value, "content", 2)],
             "safetensors": [(self.safetensors_entry, "format", 4), (self.safetensors_json, "format", 2),
+                            (self.safetensors_reshape, "format", 1),
                             (self.safetensors_length, "format", 1), (self.safetensors_flip, "format", 2),
                             (self.truncate, "format", 1)],
             "hf": [(self.shard_path, "format", 3), (self.index_json, "format", 2),
@@ -312,6 +316,19 @@ class Mutator:
 
     def gguf_value(self, rng, x):
         return self.gguf_field(rng, x, roles=("value",))
+
+    def gguf_reshape(self, rng, x):
+        """A tensor's dimensions changed, their product kept: the file stays consistent."""
+        raw, fields, _ = self._gguf_bytes(x)
+        offset, size, _ = rng.choice([f for f in fields if f[2] == "dims"])
+        if offset + size > len(raw):
+            return f"dims at {offset}: beyond the end"
+        old = list(struct.unpack_from(f"<{size // 8}q", raw, offset))
+        new = _reshape(rng, old)[:len(old)]
+        new += [1] * (len(old) - len(new))
+        struct.pack_into(f"<{len(new)}q", raw, offset, *new)
+        x.files["model.gguf"] = bytes(raw)
+        return f"dims at byte {offset}: {old} -> {new}"
 
     def gguf_flip(self, rng, x):
         raw, _, header_end = self._gguf_bytes(x)
@@ -382,6 +399,25 @@ class Mutator:
         entry[key] = new
         return self._store(x, name, header, data, f"{tensor!r} {key}: {old!r} -> {_short(new)}",
                            keep_length=rng.random() < 0.1)
+
+    def safetensors_reshape(self, rng, x, name="model.safetensors"):
+        """A tensor's shape and dtype changed, its size in bytes kept: the file stays consistent."""
+        header, data = self._split(x.files[name])
+        names = [n for n, e in (header or {}).items() if isinstance(e, dict) and isinstance(e.get("shape"), list)
+                 and all(type(d) is int for d in e["shape"])]
+        if not names:
+            return self.safetensors_flip(rng, x, name)
+        tensor = rng.choice(names)
+        entry = header[tensor]
+        old = (entry["dtype"], entry["shape"])
+        same_size = [group for group in (("F32", "I32"), ("BF16", "F16", "I16"), ("U8", "I8", "BOOL"),
+                                         ("F64", "I64")) if entry["dtype"] in group]
+        if same_size and rng.random() < 0.3:
+            entry["dtype"] = rng.choice(same_size[0])
+        else:
+            entry["shape"] = _reshape(rng, entry["shape"])
+        return self._store(x, name, header, data, f"{tensor!r} (dtype, shape): {old} -> "
+                           f"{(entry['dtype'], entry['shape'])}")
 
     def safetensors_json(self, rng, x, name="model.safetensors"):
         header, data = self._split(x.files[name])
@@ -505,6 +541,19 @@ class Mutator:
         return mutate(rng, x, name=name)
 
 
+def _reshape(rng: random.Random, shape: list) -> list:
+    """Another shape of as many elements: reversed, flattened, a dimension moved or added."""
+    n = int(np.prod(shape)) if shape else 1
+    pick = rng.random()
+    if pick < 0.3 and len(shape) > 1:
+        return shape[::-1]
+    if pick < 0.5:
+        return [n]
+    if pick < 0.8 and shape and shape[0] % 2 == 0:
+        return [shape[0] // 2] + [2 * shape[1] if len(shape) > 1 else 2] + shape[2:]
+    return shape + [1] if rng.random() < 0.5 else [1] + shape
+
+
 def mutate_json(rng: random.Random, tree, paths=()):
     """One change to a JSON tree at a random node (picked by depth first, so the top-level keys
     are as likely as the leaves of a long list): deleted, nulled, another type, a boundary
@@ -593,8 +642,11 @@ def _child(request: dict, report: int) -> None:
         os.dup2(devnull, 1)  # stdout carries the server's replies
         err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(err, 2)
+        faulthandler.enable()  # a crash, or a hang near the deadline, leaves where it was in stderr
+        faulthandler.dump_traceback_later(0.9 * request["timeout"])
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_AS, (request["memory"], request["memory"]))
+        limit = _address_space() + request["memory"]
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         opened: list = []
         sys.addaudithook(_audit(request["decoys"], opened))
         start = time.perf_counter()
@@ -605,9 +657,10 @@ def _child(request: dict, report: int) -> None:
                       "type": type(e).__name__, "message": str(e)[:2000]}
         except BaseException as e:  # noqa: BLE001 (anything else is what the fuzzer looks for)
             result = {"outcome": "other", "type": f"{type(e).__module__}.{type(e).__qualname__}",
-                      "message": str(e)[:2000], "traceback": traceback.format_exc()[-6000:]}
+                      "message": str(e)[:2000], "traceback": "".join(traceback.format_tb(e.__traceback__))[-6000:]}
         result["seconds"] = time.perf_counter() - start
-        if DECOY_TEXT.decode().strip() in result.get("message", ""):
+        decoy = (DECOY_TEXT.decode().strip(), str(int.from_bytes(DECOY_TEXT[:8], "little")))
+        if any(text in result.get("message", "") for text in decoy):
             result |= {"outcome": "escaped", "message": "decoy content in the message: " + result["message"]}
         if opened:
             result |= {"outcome": "escaped", "message": f"opened {sorted(set(opened))}; "
@@ -622,11 +675,26 @@ def _child(request: dict, report: int) -> None:
         os._exit(0)
 
 
+def _address_space() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
+# what a child does instead of loading, to check that each failure is reported as one
+PROBES = {"crash": lambda request: os.kill(os.getpid(), signal.SIGSEGV),
+          "hang": lambda request: time.sleep(3600),
+          "other": lambda request: {}["no such key"],
+          "memory": lambda request: bytearray(request["memory"] + (1 << 30)),
+          "escape": lambda request: open(os.path.join(request["decoys"], "secret.txt")).close()}
+
+
 def _load(request: dict) -> None:
     import tritlm
 
+    if "probe" in request:
+        return PROBES[request["probe"]](request)
     llm = tritlm.LLM(request["path"], n_threads=1, n_ctx=8)
-    if request.get("logits"):
+    if request["logits"]:
         logits = llm.logits(llm.tokenize("a")[:1] or [0])
         assert logits.shape == (1, llm.config.vocab_size), logits.shape
 
@@ -639,7 +707,7 @@ def _wait(pid: int, report: int, timeout: float, stderr: str) -> dict:
         if left <= 0 or not select.select([report], [], [], left)[0]:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            return {"outcome": "hang", "message": f"killed after {timeout} s"}
+            return {"outcome": "hang", "message": f"killed after {timeout} s", "traceback": _tail(stderr)}
         chunk = os.read(report, 1 << 16)
         if not chunk:
             break
@@ -647,23 +715,34 @@ def _wait(pid: int, report: int, timeout: float, stderr: str) -> dict:
     _, status = os.waitpid(pid, 0)
     if data:
         return json.loads(data)
-    with open(stderr, errors="replace") as f:
-        tail = f.read()[-3000:]
+    tail = _tail(stderr)
     if os.WIFSIGNALED(status):
         return {"outcome": "crash", "type": signal.Signals(os.WTERMSIG(status)).name, "traceback": tail}
     return {"outcome": "crash", "type": f"exit status {os.WEXITSTATUS(status)}", "traceback": tail}
 
 
+def _tail(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-4000:]
+
+
 def serve() -> None:
-    """The fork server: one JSON request per line on stdin, one Result per line on stdout."""
-    import tritlm  # noqa: F401  (once, here: each child starts with it imported)
-    import tritlm.tokenizer  # noqa: F401
-    import jinja2.sandbox  # noqa: F401
+    """The fork server: one JSON request per line on stdin, one Result per line on stdout.
+    A request {"warmup": path} loads a model here, in the server (a valid one: the seeds), so
+    that every child starts with what a first load imports and initializes already done
+    (6x faster children). The server stays single-threaded (n_threads=1), so forking is safe."""
+    import gc
 
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing else may write to the replies
     for line in sys.stdin:
         request = json.loads(line)
+        if "warmup" in request:
+            _load({"path": request["warmup"], "logits": True})
+            gc.freeze()  # what is here now stays shared with the children, not copied
+            replies.write("{}\n")
+            replies.flush()
+            continue
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -679,11 +758,12 @@ def serve() -> None:
 
 
 class ForkServer:
-    """Runs `serve` in a subprocess (single-threaded, so forking it is safe) and loads inputs
-    through it. timeout: seconds per input; memory: the child's address-space limit (bytes)."""
+    """Runs `serve` in a subprocess and loads inputs through it, once the server loaded every
+    seed (kind -> Inputs) itself to warm up. timeout: seconds per input; memory: bytes a child
+    may map beyond the server's address space (RLIMIT_AS)."""
 
-    def __init__(self, workdir: str, decoys: str, *, timeout: float = 10.0, memory: int = 4 << 30,
-                 logits: bool = True):
+    def __init__(self, workdir: str, decoys: str, seeds: dict, *, timeout: float = 10.0,
+                 memory: int = 1 << 30, logits: bool = True):
         self.workdir, self.decoys = workdir, decoys
         self.timeout, self.memory, self.logits = timeout, memory, logits
         env = os.environ | {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",
@@ -692,23 +772,42 @@ class ForkServer:
         self._process = subprocess.Popen([sys.executable, "-c", "import fuzzing; fuzzing.serve()"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._count = 0
+        for i, seed in enumerate(x for inputs in seeds.values() for x in inputs):
+            self._ask({"warmup": seed.write(os.path.join(workdir, f"warmup{i}"))})
 
-    def run(self, x: Input, keep: bool = False) -> tuple[Result, str]:
-        """Load `x`; returns the Result and the input's directory (removed unless keep)."""
-        self._count += 1
-        directory = os.path.join(self.workdir, f"input{self._count}")
-        path = x.write(directory)
-        request = {"path": path, "timeout": self.timeout, "memory": self.memory, "logits": self.logits,
-                   "decoys": self.decoys, "stderr": os.path.join(self.workdir, "stderr.txt")}
+    def _ask(self, request: dict) -> dict:
         self._process.stdin.write(json.dumps(request) + "\n")
         self._process.stdin.flush()
         line = self._process.stdout.readline()
         if not line:
             raise RuntimeError("the fork server died")
-        result = Result(**json.loads(line))
+        return json.loads(line)
+
+    def run(self, x: Input, keep: bool = False, probe: str | None = None) -> tuple[Result, str]:
+        """Load `x` (or run one of PROBES instead); returns the Result and the input's
+        directory (removed unless keep)."""
+        self._count += 1
+        directory = os.path.join(self.workdir, f"input{self._count}")
+        path = x.write(directory)
+        request = {"path": path, "timeout": self.timeout, "memory": self.memory, "logits": self.logits,
+                   "decoys": self.decoys, "stderr": os.path.join(self.workdir, "stderr.txt")}
+        result = Result(**self._ask(request | ({"probe": probe} if probe else {})))
         if not keep:
             shutil.rmtree(directory)
         return result, directory
+
+    def fuzz(self, mutator: Mutator, kind: str, n: int, seed: int | str, on_result=None) -> dict:
+        """Load n inputs of `kind` made with random.Random(seed); outcome -> count.
+        on_result(input, result, directory) is called for each, with its files still there."""
+        rng, counts = random.Random(seed), dict.fromkeys(OUTCOMES, 0)
+        for _ in range(n):
+            x = mutator(rng, kind)
+            result, directory = self.run(x, keep=on_result is not None)
+            counts[result.outcome] += 1
+            if on_result is not None:
+                on_result(x, result, directory)
+                shutil.rmtree(directory)
+        return counts
 
     def close(self) -> None:
         self._process.stdin.close()
@@ -720,20 +819,3 @@ class ForkServer:
     def __exit__(self, *exc):
         self.close()
 
-
-def fuzz(server: ForkServer, mutator: Mutator, kind: str, n: int, seed: int, on_result=None) -> dict:
-    """Load n inputs of `kind` made with random.Random(seed); outcome -> count.
-    on_result(input, result, directory) is called for each, the directory kept while it runs."""
-    rng, counts = random.Random(seed), dict.fromkeys(OUTCOMES, 0)
-    for _ in range(n):
-        x = mutator(rng, kind)
-        result, directory = server.run(x, keep=on_result is not None)
-        counts[result.outcome] += 1
-        if on_result is not None:
-            on_result(x, result, directory)
-            shutil.rmtree(directory)
-    return counts
-
-
-if __name__ == "__main__":
-    serve()
