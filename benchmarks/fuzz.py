@@ -63,8 +63,8 @@ def main(argv=None) -> int:
         mutator = fuzzing.Mutator(seeds, decoys, areas=tuple(args.areas))
         with fuzzing.ForkServer(work, decoys, seeds, timeout=args.timeout, memory=args.memory_mb << 20,
                                 logits=not args.no_logits) as server:
-            for kind in args.kinds:
-                n = args.inputs // len(args.kinds)
+            for i, kind in enumerate(args.kinds):
+                n = args.inputs // len(args.kinds) + (i < args.inputs % len(args.kinds))
                 done = [0]
 
                 def record(x, result, directory, kind=kind):

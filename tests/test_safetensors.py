@@ -224,6 +224,7 @@ def test_hugging_face_hub_cache_layout_loads(hf_dirs, tmp_path):
     ({"weight_map": {"model.norm.weight": "missing.safetensors"}}, "missing.safetensors: no such file"),
     ({"weight_map": {"model.norm.weight": ""}}, "'' is not the name of a file"),
     ({"weight_map": {"model.norm.weight": "sub"}}, "sub: no such file"),
+    ({"weight_map": {"model.norm.weight": SHARD + "/"}}, f"{SHARD}/: no such file"),
     ({"weight_map": {"model.norm.weight": "a\u0000b"}}, "is not the name of a file"),
     ({"weight_map": {"no.such.tensor": SHARD}}, "listed but not found in their shard: \\['no.such.tensor'\\]"),
 ])

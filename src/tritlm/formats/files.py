@@ -30,7 +30,7 @@ def model_file(directory: str | os.PathLike, name) -> str:
     real = os.path.realpath(path)
     if not any(os.path.commonpath([real, r]) == r for r in roots):
         raise ValueError(f"{path} leads outside the model directory")
-    if not os.path.isfile(real):
+    if not os.path.isfile(path):  # (not `real`: "shard/" must not be read as "shard")
         raise ValueError(f"{path}: no such file")
     return path
 
