@@ -280,7 +280,7 @@ class Mutator:
             "hf": [(self.shard_path, "format", 3), (self.index_json, "format", 2),
                    (self.replace_file, "format", 2), (self.shard, "format", 2),
                    (self.json_syntax, "format", 1), (self.config_json, "content", 3),
-                   (self.tokenizer_json, "content", 2)],
+                   (self.tokenizer_json, "content", 2), (self.replace_tokenizer_file, "content", 1)],
         }
         self.table = {kind: [(f, w) for f, area, w in rows if area in areas] for kind, rows in table.items()}
 
@@ -453,6 +453,7 @@ class Mutator:
     # ---------------------------------------------------------------- HF directories
 
     INDEX = "model.safetensors.index.json"
+    TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
     def _paths(self):
         """Path strings for a shard: absolute, climbing out, into the decoys, odd."""
@@ -484,7 +485,7 @@ class Mutator:
         return self._json_file(rng, x, "config.json")
 
     def tokenizer_json(self, rng, x):
-        return self._json_file(rng, x, rng.choice(("tokenizer.json", "tokenizer_config.json")))
+        return self._json_file(rng, x, rng.choice(self.TOKENIZER_FILES))
 
     def _json_file(self, rng, x, name):
         tree = _json(x.files.get(name))
@@ -512,11 +513,10 @@ class Mutator:
         x.files[name] = b"[" * depth + b"]" * depth
         return f"{name}: arrays nested {depth} deep"
 
-    def replace_file(self, rng, x):
+    def replace_file(self, rng, x, names=None):
         """A file deleted, emptied, made a directory or a symlink (inside, outside, dangling,
         to itself)."""
-        names = [n for n in x.files if n not in ("tokenizer.json", "tokenizer_config.json")]
-        name = rng.choice(names)
+        name = rng.choice(names or [n for n in x.files if n not in self.TOKENIZER_FILES])
         others = [n for n in x.files if n != name]
         choices = {"deleted": None, "emptied": b"", "a directory": DIRECTORY,
                    "a symlink to /etc/passwd": Symlink("/etc/passwd"),
@@ -531,6 +531,9 @@ class Mutator:
         else:
             x.files[name] = choices[how]
         return f"{name} {how}"
+
+    def replace_tokenizer_file(self, rng, x):
+        return self.replace_file(rng, x, names=self.TOKENIZER_FILES)
 
     def shard(self, rng, x):
         names = [n for n, c in x.files.items() if n.endswith(".safetensors") and isinstance(c, bytes)]
@@ -653,11 +656,10 @@ def _child(request: dict, report: int) -> None:
         start = time.perf_counter()
         try:
             _load(request)
-        except (ValueError, OSError) as e:
-            result = {"outcome": "OSError" if isinstance(e, OSError) else "ValueError",
-                      "type": type(e).__name__, "message": str(e)[:2000]}
-        except BaseException as e:  # noqa: BLE001 (anything else is what the fuzzer looks for)
-            result = {"outcome": "other", "type": f"{type(e).__module__}.{type(e).__qualname__}",
+        except BaseException as e:  # noqa: BLE001 (anything but ValueError and OSError is a finding)
+            outcome = "OSError" if isinstance(e, OSError) else "ValueError" if isinstance(e, ValueError) \
+                else "other"
+            result = {"outcome": outcome, "type": f"{type(e).__module__}.{type(e).__qualname__}",
                       "message": str(e)[:2000], "traceback": "".join(traceback.format_tb(e.__traceback__))[-6000:]}
         result["seconds"] = time.perf_counter() - start
         decoy = (DECOY_TEXT.decode().strip(), str(int.from_bytes(DECOY_TEXT[:8], "little")))
