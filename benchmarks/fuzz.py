@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     totals = {}
     start = time.time()
     try:
-        seeds, decoys = fuzzing.write_seeds(os.path.join(work, "seeds"))
-        mutator = fuzzing.Mutator(seeds, decoys, areas=tuple(args.areas))
-        with fuzzing.ForkServer(work, decoys, seeds, timeout=args.timeout, memory=args.memory_mb << 20,
+        seeds = fuzzing.write_seeds(work)
+        mutator = fuzzing.Mutator(seeds, work, areas=tuple(args.areas))
+        with fuzzing.ForkServer(work, seeds, timeout=args.timeout, memory=args.memory_mb << 20,
                                 logits=not args.no_logits) as server:
             for i, kind in enumerate(args.kinds):
                 n = args.inputs // len(args.kinds) + (i < args.inputs % len(args.kinds))

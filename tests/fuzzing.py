@@ -11,7 +11,11 @@ server process that imported tritlm once, under a time limit and an address-spac
 Outcomes: "loaded", "ValueError" and "OSError" are what the API documents (subclasses count);
 failures are "crash" (a signal, or an exit without a report), "hang" (killed at the deadline),
 "other" (any other exception) and "escaped" (the load opened a file outside the model
-directory: the decoys `write_seeds` plants next to the inputs, or /etc/passwd).
+directory: a decoy, or /etc/passwd).
+
+Everything lives in one work directory: the seeds, the decoys (work/decoys: files outside every
+model directory that mutations point to, absolutely or as ../decoys/...) and the inputs, each
+written to a directory of its own (work/input<n>), removed once loaded.
 
 Mutators have an area: "format" ones change the files' structure (lengths, counts, offsets,
 dimensions, types, dtypes, shard paths, files replaced or linked), which the parsers in
@@ -162,16 +166,19 @@ def write_hf(directory: str, packed: bool, shards: int, seed: int = 0) -> None:
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
 
 
-def write_seeds(directory: str) -> tuple[dict, str]:
-    """Write the seeds and the decoys under `directory`: (kind -> list of seed Inputs, the
-    decoys' directory)."""
+def decoys(work: str) -> str:
+    return os.path.join(work, "decoys")
+
+
+def write_seeds(work: str) -> dict:
+    """Write the seeds and the decoys in the work directory; kind -> list of seed Inputs."""
     from tritlm.api import default_model_path
     from tritlm.bench.dummy import write_dummy
     from tritlm.models.config import ModelConfig
 
-    os.makedirs(os.path.join(directory, "decoys"))
+    os.makedirs(decoys(work))
     for name in ("secret.txt", "config.json", "tokenizer.json", "model.safetensors"):
-        with open(os.path.join(directory, "decoys", name), "wb") as f:
+        with open(os.path.join(decoys(work), name), "wb") as f:
             f.write(DECOY_TEXT)
 
     def tiny(arch, hidden, ffn):
@@ -183,17 +190,17 @@ def write_seeds(directory: str) -> tuple[dict, str]:
     for i, (arch, hidden, ternary, embedding) in enumerate(
             [("bitnet-b1.58", 128, "I2_S", "F16"), ("bitnet", 256, "TQ2_0", "Q8_0"),
              ("llama", 256, "TQ1_0", "Q6_K")]):
-        path = os.path.join(directory, f"seed{i}.gguf")
+        path = os.path.join(work, f"seed{i}.gguf")
         write_dummy(path, tiny(arch, hidden, 2 * hidden), ternary_type=ternary, embedding_type=embedding)
         gguf.append(path)
     gguf.append(default_model_path())
     seeds = {"gguf": [Input("gguf", {"model.gguf": _read(p)}, "model.gguf") for p in gguf]}
     for kind, packed, shards in [("safetensors", True, 1), ("hf", False, 2)]:
-        d = os.path.join(directory, f"seed-{kind}")
+        d = os.path.join(work, f"seed-{kind}")
         os.makedirs(d)
         write_hf(d, packed, shards)
         seeds[kind] = [Input(kind, {n: _read(os.path.join(d, n)) for n in sorted(os.listdir(d))}, ".")]
-    return seeds, os.path.join(directory, "decoys")
+    return seeds
 
 
 def _read(path: str) -> bytes:
@@ -265,8 +272,8 @@ def gguf_fields(raw: bytes) -> tuple[list, int]:
 class Mutator:
     """Turns seeds into inputs: 1 to 3 mutations of the kind's mutators in `areas`."""
 
-    def __init__(self, seeds: dict, decoys: str, areas=("format", "content")):
-        self.seeds, self.decoys = seeds, decoys
+    def __init__(self, seeds: dict, work: str, areas=("format", "content")):
+        self.seeds, self.decoys = seeds, decoys(work)
         self._gguf = {id(s): gguf_fields(s.files["model.gguf"]) for s in seeds["gguf"]}
         table = {
             "gguf": [(self.gguf_field, "format", 4), (self.gguf_tensor_type, "format", 1),
@@ -459,7 +466,7 @@ class Mutator:
         """Path strings for a shard: absolute, climbing out, into the decoys, odd."""
         d = self.decoys
         return ("/etc/passwd", "../../etc/passwd", "../" * 12 + "etc/passwd", f"{d}/secret.txt",
-                f"{d}/model.safetensors", "../decoys/model.safetensors", "../../decoys/secret.txt",
+                f"{d}/model.safetensors", "../decoys/model.safetensors", "../decoys/secret.txt",
                 "sub/../../decoys/secret.txt", "./model-00001-of-00002.safetensors",
                 "model-00001-of-00002.safetensors/", ".", "..", "", "/", "a\u0000b", "~/.ssh/id_rsa",
                 "C:\\Windows\\win.ini", "\\\\server\\share\\x", "config.json", "missing.safetensors")
@@ -522,7 +529,7 @@ class Mutator:
                    "a symlink to /etc/passwd": Symlink("/etc/passwd"),
                    "a symlink out of the directory": Symlink(os.path.join(self.decoys, name if name in (
                        "config.json", "model.safetensors") else "secret.txt")),
-                   "a relative symlink out of the directory": Symlink("../../decoys/secret.txt"),
+                   "a relative symlink out of the directory": Symlink("../decoys/secret.txt"),
                    "a symlink to another file in the directory": Symlink(rng.choice(others)),
                    "a dangling symlink": Symlink("nowhere"), "a symlink to itself": Symlink(name)}
         how = rng.choice(list(choices))
@@ -765,9 +772,9 @@ class ForkServer:
     seed (kind -> Inputs) itself to warm up. timeout: seconds per input; memory: bytes a child
     may map beyond the server's address space (RLIMIT_AS)."""
 
-    def __init__(self, workdir: str, decoys: str, seeds: dict, *, timeout: float = 10.0,
-                 memory: int = 1 << 30, logits: bool = True):
-        self.workdir, self.decoys = workdir, decoys
+    def __init__(self, work: str, seeds: dict, *, timeout: float = 10.0, memory: int = 1 << 30,
+                 logits: bool = True):
+        self.work = work
         self.timeout, self.memory, self.logits = timeout, memory, logits
         env = os.environ | {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",
                             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -776,7 +783,7 @@ class ForkServer:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._count = 0
         for i, seed in enumerate(x for inputs in seeds.values() for x in inputs):
-            self._ask({"warmup": seed.write(os.path.join(workdir, f"warmup{i}"))})
+            self._ask({"warmup": seed.write(os.path.join(work, f"warmup{i}"))})
 
     def _ask(self, request: dict) -> dict:
         self._process.stdin.write(json.dumps(request) + "\n")
@@ -790,10 +797,10 @@ class ForkServer:
         """Load `x` (or run one of PROBES instead); returns the Result and the input's
         directory (removed unless keep)."""
         self._count += 1
-        directory = os.path.join(self.workdir, f"input{self._count}")
+        directory = os.path.join(self.work, f"input{self._count}")
         path = x.write(directory)
         request = {"path": path, "timeout": self.timeout, "memory": self.memory, "logits": self.logits,
-                   "decoys": self.decoys, "stderr": os.path.join(self.workdir, "stderr.txt")}
+                   "decoys": decoys(self.work), "stderr": os.path.join(self.work, "stderr.txt")}
         result = Result(**self._ask(request | ({"probe": probe} if probe else {})))
         if not keep:
             shutil.rmtree(directory)

@@ -17,9 +17,9 @@ INPUTS = 300  # per kind: a few seconds each
 @pytest.fixture(scope="module")
 def fuzzer(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzz")
-    seeds, decoys = write_seeds(str(base / "seeds"))
-    with ForkServer(str(base), decoys, seeds, timeout=20) as server:
-        yield server, Mutator(seeds, decoys, areas=("format",)), seeds
+    seeds = write_seeds(str(base))
+    with ForkServer(str(base), seeds, timeout=20) as server:
+        yield server, Mutator(seeds, str(base), areas=("format",)), seeds
 
 
 def test_seeds_load(fuzzer):
