@@ -20,6 +20,7 @@ from enum import IntEnum
 import numpy as np
 
 from ..quant import blocks
+from .files import close_map
 from .region import FileRegion
 
 MAGIC = b"GGUF"
@@ -216,9 +217,8 @@ class GGUFFile:
             raise
 
     def _parse(self, cur: _Cursor) -> None:
-        magic = cur.buf[cur.take(4, "magic") : 4]
-        if magic != MAGIC:
-            raise ValueError(f"{self.path}: not a GGUF file (magic {magic!r})")
+        if cur.buf[cur.take(4, "magic") : 4] != MAGIC:  # (what it holds instead stays unquoted)
+            raise ValueError(f"{self.path}: not a GGUF file (it does not start with {MAGIC!r})")
         self.version = cur.scalar("I", "version")
         if self.version not in (2, 3):
             if self.version & 0xFFFF == 0 and self.version >> 16:
@@ -326,10 +326,7 @@ class GGUFFile:
 
     def close(self) -> None:
         self._bytes = None
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # arrays handed out still view the map; it closes when the last one goes
+        close_map(self._map)
 
     def __enter__(self):
         return self

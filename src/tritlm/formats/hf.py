@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .files import model_file, read_json
 from .region import FileRegion
 from .safetensors import SafetensorsFile
+
+INDEX = "model.safetensors.index.json"
 
 
 def is_hf_directory(path: str | os.PathLike) -> bool:
@@ -17,28 +19,35 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
 
 
 class HFCheckpoint:
-    """Tensors by name across the shards of one checkpoint, and its config.json."""
+    """Tensors by name across the shards of one checkpoint, and its config.json. Every file it
+    opens is confined to the directory (`files.model_file`)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        config_path = self.directory / "config.json"
-        if not config_path.is_file():
+        if not is_hf_directory(self.directory):
             raise ValueError(f"{self.directory}: no config.json (not a Hugging Face model directory)")
-        try:
-            self.config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        index_path = self.directory / "model.safetensors.index.json"
-        if index_path.is_file():
-            weight_map = json.loads(index_path.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index_path}: no weight_map")
+        config_path = model_file(self.directory, "config.json")
+        self.config = read_json(config_path)
+        if not isinstance(self.config, dict):
+            raise ValueError(f"{config_path}: not a JSON object")
+        index_path = self.directory / INDEX
+        if os.path.lexists(index_path):
+            index = read_json(model_file(self.directory, INDEX))
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index_path}: no weight_map from tensor names to shard file names")
             shards = sorted(set(weight_map.values()))
-        elif (self.directory / "model.safetensors").is_file():
+        elif os.path.lexists(self.directory / "model.safetensors"):
             shards, weight_map = ["model.safetensors"], None
         else:
-            raise ValueError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
-        self._files = {shard: SafetensorsFile(self.directory / shard) for shard in shards}
+            raise ValueError(f"{self.directory}: no model.safetensors or {INDEX}")
+        self._files = {}
+        try:
+            for shard in shards:
+                self._files[shard] = SafetensorsFile(model_file(self.directory, shard))
+        except BaseException:
+            self.close()
+            raise
         self._where = {}
         for shard, file in self._files.items():
             for name in file.tensors:
@@ -47,6 +56,7 @@ class HFCheckpoint:
                 self._where[name] = file
         missing = [n for n, shard in (weight_map or {}).items() if n not in self._where]
         if missing:
+            self.close()
             raise ValueError(f"{index_path}: tensors listed but not found in their shard: {missing[:5]}")
 
     @property

@@ -4,7 +4,7 @@ safetensors package's NumPy loader cannot read BF16, the dtype most checkpoints 
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..quant.blocks import bf16_to_f32
+from .files import close_map, parse_json
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -35,47 +36,51 @@ class SafetensorsFile:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise ValueError(f"{self.path}: too short for a safetensors file ({size} bytes)")
+            # (the length itself stays out of the message: it is the file's first 8 bytes)
             header_len = int.from_bytes(f.read(8), "little")
             if header_len > min(MAX_HEADER, size - 8):
-                raise ValueError(f"{self.path}: header length {header_len} does not fit the file")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{self.path}: header is not valid JSON ({e})") from None
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        data_start = 8 + header_len
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            self.tensors[name] = self._parse(name, entry, data_start, size)
+                raise ValueError(f"{self.path}: the header length does not fit the file ({size} bytes): "
+                                 "not a safetensors file, or a truncated one")
+            header = parse_json(f.read(header_len), f"{self.path}: the header")
+            if not isinstance(header, dict):
+                raise ValueError(f"{self.path}: the header is not a JSON object")
+            self.metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(self.metadata, dict):
+                raise ValueError(f"{self.path}: __metadata__ is not a JSON object")
+            self.tensors: dict[str, TensorInfo] = {}
+            for name, entry in header.items():
+                self.tensors[name] = self._parse(name, entry, 8 + header_len, size)
+            # mapped once the header is known good; arrays handed out keep the map alive
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     def _parse(self, name, entry, data_start, size) -> TensorInfo:
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"{self.path}: tensor {name!r} has a bad shape {shape}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise ValueError(f"{self.path}: tensor {name!r} has bad data offsets")
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: its header entry is not a JSON object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"{where} has unsupported dtype {dtype!r:.40}; supported: {', '.join(DTYPES)}")
+        # type() rather than isinstance: JSON's true and false are not dimensions
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
+            raise ValueError(f"{where}: shape must be a list of integers in [0, 2**63)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{where}: data_offsets must be two integers [begin, end], 0 <= begin <= end")
+        begin, end = offsets
+        nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize  # Python ints: no wrap-around
         if end - begin != nbytes:
-            raise ValueError(f"{self.path}: tensor {name!r} declares {end - begin} bytes, its "
-                             f"shape {shape} and dtype {dtype} need {nbytes}")
+            raise ValueError(f"{where} declares {end - begin} bytes, its shape {shape} and dtype "
+                             f"{dtype} need {nbytes}")
         if data_start + end > size:
-            raise ValueError(f"{self.path}: tensor {name!r} runs past the end of the file "
-                             f"(truncated download?)")
-        return TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+            raise ValueError(f"{where} runs past the end of the file (truncated download?)")
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor as stored, zero-copy (BF16 as uint16)."""
         info = self.info(name)
-        data = np.frombuffer(self._map, np.uint8, info.end - info.begin, info.begin) if self._map \
-            else np.zeros(0, np.uint8)
+        if self._map is None:
+            raise ValueError(f"{self.path} is closed")
+        data = np.frombuffer(self._map, np.uint8, info.end - info.begin, info.begin)
         return data.view(DTYPES[info.dtype]).reshape(info.shape)
 
     def array(self, name: str) -> np.ndarray:
@@ -93,8 +98,9 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: no tensor named {name!r}") from None
 
     def close(self):
-        if self._map is not None:
-            self._map.close()
+        m, self._map = self._map, None
+        if m is not None:
+            close_map(m)
 
     def __enter__(self):
         return self
