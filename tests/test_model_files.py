@@ -211,7 +211,7 @@ def put(*keys_and_value):
 DELETE = object()
 
 HF_CASES = [
-    ("config.json", lambda c: [c], "config.json must be a mapping"),
+    ("config.json", lambda c: [c], "config.json: not a JSON object"),
     ("config.json", put("hidden_size", DELETE), "config.json lacks hidden_size"),
     ("config.json", put("hidden_size", "128"), "config.json: hidden_size"),
     ("config.json", put("num_attention_heads", 0), "config.json: num_attention_heads"),
@@ -230,8 +230,8 @@ HF_CASES = [
     ("tokenizer.json", put("added_tokens", 0, "content", "<|new|>"), "tokenizer.json: token ids up to 320"),
     ("tokenizer.json", b"\xff{}", "tokenizer.json: not UTF-8"),
     ("tokenizer_config.json", lambda c: [c], "tokenizer_config.json must be a mapping"),
-    ("tokenizer_config.json", "[" * 100000 + "]" * 100000, "tokenizer_config.json: JSON nested too deeply"),
-    ("tokenizer_config.json", "{oops", "tokenizer_config.json: not valid JSON"),
+    ("tokenizer_config.json", "[" * 100000 + "]" * 100000, "tokenizer_config.json is not valid JSON for tritlm: nested too deeply"),
+    ("tokenizer_config.json", "{oops", "tokenizer_config.json is not valid JSON"),
     ("tokenizer_config.json", put("bos_token", 5), "tokenizer_config.json: bos_token"),
     ("tokenizer_config.json", put("bos_token", "<|nope|>"), "tokenizer_config.json: bos_token"),
     ("tokenizer_config.json", put("bos_token", {"content": 5}), "tokenizer_config.json: bos_token"),
@@ -247,6 +247,21 @@ HF_CASES = [
 def test_hugging_face_files(hf_dir, tmp_path, file, change, message):
     directory = mutated(hf_dir, tmp_path, file, change)
     with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(directory, n_ctx=16)
+
+
+@pytest.mark.parametrize("file", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
+def test_tokenizer_files_may_not_lead_outside_the_directory(hf_dir, tmp_path, file):
+    """A tokenizer file that is a symlink out of the model directory (to /etc/passwd, or another
+    model's files) is refused, not read."""
+    directory = tmp_path / "model"
+    shutil.copytree(hf_dir, directory)
+    outside = tmp_path / "outside" / file
+    outside.parent.mkdir()
+    shutil.copy(directory / file, outside) if (directory / file).exists() else outside.write_text("{{ 1 }}")
+    (directory / file).unlink(missing_ok=True)
+    (directory / file).symlink_to(outside)
+    with pytest.raises(ValueError, match="leads outside the model directory"):
         LLM(directory, n_ctx=16)
 
 

@@ -145,7 +145,7 @@ def test_loader_error_is_not_masked_by_closing(hf_dirs, tmp_path):
     d = copy(hf_dirs, "single", tmp_path)
     name = "model.layers.0.self_attn.q_proj.weight"
     rewrite_header(os.path.join(d, "model.safetensors"), lambda h: h[name].update(shape=[16, 256]))
-    with pytest.raises(ValueError, match=f"{name}: unexpected uint8 \\(16, 256\\)"):
+    with pytest.raises(ValueError, match="attn_q has shape"):  # the shape check names it
         loader.load_hf(d)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .formats.files import MAX_JSON, model_file, parse_json
 from .models.config import MAX_SIZE, checked, is_kind, short
 
 __all__ = ["Tokenizer", "IncrementalDecoder", "PRE_TOKENIZERS"]
@@ -121,26 +122,25 @@ def _opt_id(md: Mapping, key: str, n: int) -> int | None:
     return v
 
 
-def _read_text(path: Path) -> str:
+def _read_text(directory: Path, name: str) -> str:
+    """The text of a file of the model directory (never one a symlink leads out to), bounded."""
+    path = model_file(directory, name)
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON + 1)
+    if len(data) > MAX_JSON:
+        raise ValueError(f"{path}: larger than {MAX_JSON >> 20} MiB, too large for a tokenizer file")
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def _parse_json(text: str, path: Path) -> dict:
-    """The JSON object `text`, read from `path`."""
-    try:
-        return checked(json.loads(text), dict, str(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply") from None
-
-
-def _read_json(path: Path) -> dict:
-    """The JSON object in `path`, {} when there is no such file."""
-    return _parse_json(_read_text(path), path) if path.is_file() else {}
+def _read_json(directory: Path, name: str) -> dict:
+    """The JSON object in a file of the model directory, {} when there is no such file."""
+    path = directory / name
+    if not path.is_file() and not path.is_symlink():
+        return {}
+    return checked(parse_json(_read_text(directory, name).encode(), str(path)), dict, str(path))
 
 
 def _merge(entry: str) -> tuple[str, str]:
@@ -335,8 +335,8 @@ class Tokenizer:
         path = d / "tokenizer.json"
         if not path.is_file():
             raise ValueError(f"{d} has no tokenizer.json")
-        text = _read_text(path)
-        spec = _parse_json(text, path)
+        text = _read_text(d, "tokenizer.json")
+        spec = checked(parse_json(text.encode(), str(path)), dict, str(path))
         # decoding takes each token's bytes; these would add text to them, or make encoding random
         model = spec.get("model")
         odd = [k for k in ("continuing_subword_prefix", "end_of_word_suffix", "dropout")
@@ -350,7 +350,7 @@ class Tokenizer:
                 raise
             raise ValueError(f"{path}: not a tokenizer the tokenizers library can read ({e})") from None
 
-        cfg, smap, gen = (_read_json(d / name) for name in (
+        cfg, smap, gen = (_read_json(d, name) for name in (
             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"))
 
         def special_id(name):
@@ -421,10 +421,10 @@ class Tokenizer:
             named = {checked(t, dict, where).get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
         if template is None and (d / "chat_template.jinja").is_file():
-            template = _read_text(d / "chat_template.jinja")
+            template = _read_text(d, "chat_template.jinja")
         if template is None:
             where = f"{d / 'chat_template.json'}: chat_template"
-            template = _read_json(d / "chat_template.json").get("chat_template")
+            template = _read_json(d, "chat_template.json").get("chat_template")
         template = None if template is None else checked(template, str, where)
 
         gen_eos = gen.get("eos_token_id")  # one id or a list of them
