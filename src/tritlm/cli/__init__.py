@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, dummy, info, perplexity, run, serve, train
+from . import bench, convert, dummy, info, perplexity, pull, run, serve, train
+from . import list as list_models
 
-SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve)
+SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve, pull, list_models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model", None):  # a Hub id -> its local path
+            from ..hub import resolve_model
+
+            args.model = resolve_model(args.model, revision=args.revision, offline=args.offline)
         return args.func(args) or 0
     except ValueError as e:
         print(f"tritlm: error: {e}", file=sys.stderr)
         return 2
+
+
+def add_model_source(parser) -> None:
+    """--revision and --offline, for the subcommands whose model may be a Hub id."""
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub id: the branch, tag or commit (default: main)")
+    parser.add_argument("--offline", action="store_true",
+                        help="load a Hub model from the cache only, never the network (also: HF_HUB_OFFLINE=1)")
