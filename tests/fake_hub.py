@@ -95,7 +95,7 @@ class FakeHub:
             if commit is None:
                 return
             files = self.repos[repo]["commits"][commit]
-            blobs = query.get("blobs") == ["true"]
+            blobs = [v.lower() for v in query.get("blobs", [])] == ["true"]
             siblings = [{"rfilename": name} | (_file_metadata(data, name, info=True) if blobs else {})
                         for name, data in sorted(files.items())]
             self._json(handler, {"id": repo, "modelId": repo, "sha": commit, "private": False,

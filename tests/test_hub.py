@@ -56,7 +56,8 @@ def test_download_then_run_from_the_cache_with_the_server_stopped_and_offline(se
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("def fib(n):") and len(first.stdout) > len("def fib(n):\n")
     assert (snapshot(home, "tiny/gguf", commit) / "tritlm-tiny.gguf").read_bytes() == TINY
-    assert server.requests[0] == ("GET", "/api/models/tiny/gguf?blobs=true")  # model info with file metadata
+    method, path = server.requests[0]  # model info with file metadata
+    assert (method, path.lower()) == ("GET", "/api/models/tiny/gguf?blobs=true")
     assert not server.requested("README.md")  # only the model file
     sha = hashlib.sha256(TINY).hexdigest()
     assert (home / "tritlm" / "verified" / sha).is_file()  # checked once, remembered

@@ -86,7 +86,7 @@ def fetch(ref: str, *, filename: str | None = None, revision: str | None = None,
         return _from_cache(ref, repo, selector, revision, f"the Hub could not be reached ({_line(e)})")
     try:
         return _download(info, repo, selector, revision)
-    except (ValueError, KeyboardInterrupt):
+    except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"{ref}: download failed ({_line(e)}); run the command again to retry") from None

@@ -77,7 +77,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 def _progress_line(row) -> None:
     """One line per measurement on stderr while `bench kernels` runs (minutes), stdout keeps the table."""
-    print(f"measured {row.kernel} {row.layout} {row.shape}, {row.threads} thread(s): "
+    print(f"measured {' '.join(filter(None, (row.kernel, row.layout, row.shape)))}, {row.threads} thread(s): "
           f"{row.seconds * 1e6:.1f} us", file=sys.stderr, flush=True)
 
 
