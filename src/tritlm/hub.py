@@ -215,7 +215,7 @@ def _verify(path: Path, expected: str | None, label: str) -> None:
     record = Path(_hf_home()) / "tritlm" / "verified" / expected
     if record.is_file() and record.read_text() == stamp:
         return
-    actual = sha256_file(blob)
+    actual = sha256_file(path)
     if actual != expected:
         path.unlink(missing_ok=True)
         blob.unlink(missing_ok=True)
