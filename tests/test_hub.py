@@ -149,7 +149,7 @@ def test_a_corrupted_download_is_caught_by_its_sha256_and_deleted(server, tmp_pa
     blob = home / "hub" / "models--tiny--bad" / "blobs" / sha
     server.corrupt.add(("tiny/bad", "model.gguf"))  # same size, one byte flipped
     line = error_line(tritlm(server, home, "run", "-m", "tiny/bad", "-p", "x"))
-    assert f"tiny/bad/model.gguf: sha256 " in line and f"is not the Hub's {sha}" in line
+    assert "tiny/bad/model.gguf: sha256 " in line and f"is not the Hub's {sha}" in line
     assert "corrupt and was deleted" in line
     assert not blob.exists() and not (snapshot(home, "tiny/bad", commit) / "model.gguf").exists()
 
