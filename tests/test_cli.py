@@ -31,8 +31,12 @@ def test_bench_kernels_json(capsys):
 def test_bench_kernels_markdown(capsys):
     assert main(["bench", "kernels", "--shapes", "16x128", "--tokens", "1", "-t", "1", "-r", "1",
                  "--stream-mib", "1", "--isa", "portable"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert out.startswith("kernel set: portable")
+    # it takes minutes at the real shapes: a line per measurement as it goes, on stderr
+    assert "measured read 1 MiB, 1 thread(s)" in captured.err
+    assert "measured gemm tiles 16x128x1, 1 thread(s)" in captured.err
     assert "| gemv | tiles | 16x128 | 1 |" in out and "| gemm | tiles | 16x128x1 | 1 |" in out
     assert "tiles5" not in out  # K = 128 has no 1.6-bit form
 

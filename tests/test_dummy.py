@@ -51,3 +51,19 @@ def test_2b4t_preset_shape():
         (2560, 6912, 30, 20, 5, 128256)
     with pytest.raises(ValueError, match="unknown preset"):
         dummy_config("1T")
+
+
+def test_a_progress_bar_over_the_tensors_on_a_terminal(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    write_dummy(tmp_path / "quiet.gguf", TINY)  # the library call stays quiet
+    assert terminal.getvalue() == ""
+    write_dummy(tmp_path / "m.gguf", TINY, progress=True)  # as `tritlm dummy` calls it
+    assert "writing" in terminal.getvalue() and "0/24 [" in terminal.getvalue()  # 24 tensors

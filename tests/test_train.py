@@ -206,3 +206,15 @@ def test_model_shapes_any_size():
                                   n_layers=1, n_heads=8, n_kv_heads=2, context_length=16))
     assert model(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 300)
     assert sum(p.numel() for p in model.parameters()) == model.args.n_params()
+
+
+def test_progress_lines_when_stderr_is_no_terminal(tmp_path, capsys, monkeypatch):
+    from tritlm.train import trainer
+
+    monkeypatch.setattr(trainer, "LOG_SECONDS", 0.0)  # a line after every step
+    assert main(["train", *CORPUS, "--include", "*.py", "-o", str(tmp_path), "--steps", "3",
+                 "--eval-interval", "10", *TINY]) == 0
+    err = capsys.readouterr().err
+    for step in (1, 2, 3):
+        assert f"step {step}/3: train loss" in err and "tokens/s" in err
+    assert "\r" not in err  # no progress bar redrawn into a log

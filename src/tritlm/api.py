@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import chat
+from . import chat, hub
 from .generation import TextStream
 from .models import loader
 from .runtime import Engine
@@ -40,21 +40,21 @@ def make_engine(config, tensors: dict, device: str = "cpu", **options) -> Engine
 class LLM:
     """A ternary model ready to generate.
 
-    model_path: a GGUF file or a Hugging Face model directory (default: the bundled tiny model,
-    `default_model_path()`). n_ctx: context length (default: the model's, at most 4096).
-    n_threads: default every core other work leaves idle (kernels.idle_cores). kv_type: "f16" or
-    "f32". device: "cpu", or "cuda" for the GPU engine (`tritlm.cuda`: PyTorch with CUDA and
-    Triton, `pip install 'tritlm[cuda]'`).
+    model_path: a GGUF file, a Hugging Face model directory, or a Hub id `org/repo` or
+    `org/repo:FILE-OR-QUANT` (fetched into the Hub cache once; see `from_pretrained` and
+    `tritlm.hub`); default: the bundled tiny model, `default_model_path()`. n_ctx: context length
+    (default: the model's, at most 4096). n_threads: default every core other work leaves idle
+    (kernels.idle_cores). kv_type: "f16" or "f32". device: "cpu", or "cuda" for the GPU engine
+    (`tritlm.cuda`: PyTorch with CUDA and Triton, `pip install 'tritlm[cuda]'`).
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int | None = None,
                  n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256,
                  device: str = "cpu"):
-        if model_path is None:
-            model_path = default_model_path()
+        model_path = default_model_path() if model_path is None else hub.resolve_model(model_path)
         config, tensors, metadata = loader.load(model_path)
-        self.model_path = os.fspath(model_path)
-        self.model_name = os.path.basename(self.model_path.rstrip("/"))
+        self.model_path = model_path
+        self.model_name = hub.model_name(model_path)
         self.config = config
         self.metadata = metadata
         self.tokenizer = Tokenizer.of_model(model_path, metadata, config.vocab_size)
@@ -64,6 +64,15 @@ class LLM:
         self._sequence = self.engine.new_sequence()
         self._cached: list[int] = []  # the tokens whose keys and values the sequence holds
         self.timings: dict = {}  # of the last generation: prompt/prefill/generated tokens and seconds
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str | None = None, *, revision: str | None = None,
+                        **kwargs) -> LLM:
+        """A model from the Hugging Face Hub, as llama-cpp-python's `Llama.from_pretrained`:
+        `repo_id` "org/repo"; `filename` the GGUF file, by name or type ("i2_s"), when the repo
+        has several; `revision` a branch, tag or commit. Downloaded into the Hub cache once (its
+        weights' sha256 checked), loaded from there after, offline too; kwargs go to `LLM`."""
+        return cls(hub.fetch(repo_id, filename=filename, revision=revision), **kwargs)
 
     # ------------------------------------------------------------------------------- tokens
 

@@ -76,9 +76,12 @@ def random_embedding(kind: str, rows: int, cols: int, rng) -> np.ndarray:
 
 
 def write_dummy(path, preset: str | ModelConfig = "2B4T", *, arch: str = "bitnet-b1.58",
-                ternary_type: str = "I2_S", embedding_type: str = "F16", seed: int = 0) -> ModelConfig:
+                ternary_type: str = "I2_S", embedding_type: str = "F16", seed: int = 0,
+                progress: bool = False) -> ModelConfig:
     """A GGUF of random ternary weights with the shape of `preset` (a name or a config), written
-    one tensor at a time."""
+    one tensor at a time (progress: with a bar over them, on a terminal)."""
+    from tqdm import tqdm
+
     config = preset if isinstance(preset, ModelConfig) else dummy_config(preset, arch)
     if ternary_type not in layouts.FILE_LAYOUTS:
         raise ValueError(f"ternary type must be one of {', '.join(layouts.FILE_LAYOUTS)}")
@@ -108,6 +111,7 @@ def write_dummy(path, preset: str | ModelConfig = "2B4T", *, arch: str = "bitnet
     with GGUFWriter(path, metadata) as writer:
         for name, type_id, shape, _ in tensors:
             writer.add_tensor_info(name, type_id, shape)
-        for name, _, _, data in tensors:
+        for name, _, _, data in tqdm(tensors, desc=f"writing {path}", unit="tensor", leave=False,
+                                     disable=None if progress else True):
             writer.write_tensor_data(name, data())
     return config

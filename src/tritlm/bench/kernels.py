@@ -77,17 +77,23 @@ def _streamed(tiles: np.ndarray, m: int, stream_bytes: int, layout: str) -> list
 
 def run(shapes=SHAPES_2B4T, threads=(1, 2), tokens: int = 128, stream_bytes: int = 1 << 30,
         repeats: int = 7, isa: str | None = None, seed: int = 0,
-        layout_names=tuple(LAYOUTS)) -> list[Row]:
+        layout_names=tuple(LAYOUTS), progress=None) -> list[Row]:
+    """The measurements, as rows; progress(row) is called after each (it takes minutes)."""
     isa = isa or kernels.default_isa()
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        if progress:
+            progress(row)
 
     buffer = _native.empty_streaming(stream_bytes)
     buffer[:] = rng.integers(0, 256, stream_bytes, dtype=np.uint8)
     read = {}
     for n in threads:
         read[n] = read_bandwidth(buffer, n, isa, repeats)
-        rows.append(Row("read", f"{stream_bytes >> 20} MiB", n, stream_bytes / read[n], gbps=read[n] / 1e9))
+        add(Row("read", f"{stream_bytes >> 20} MiB", n, stream_bytes / read[n], gbps=read[n] / 1e9))
     # The other place weights could live: a file's pages, memory-mapped (4 KiB pages, in the page
     # cache). The engine keeps its weights in huge pages; this row says what that is worth.
     with tempfile.TemporaryFile() as f:
@@ -96,8 +102,8 @@ def run(shapes=SHAPES_2B4T, threads=(1, 2), tokens: int = 128, stream_bytes: int
         mapped = np.memmap(f, np.uint8, "r", shape=(stream_bytes,))
         for n in threads:
             gbps = read_bandwidth(mapped, n, isa, repeats)
-            rows.append(Row("read mmap", f"{stream_bytes >> 20} MiB", n, stream_bytes / gbps, gbps=gbps / 1e9,
-                            of_read=gbps / read[n]))
+            add(Row("read mmap", f"{stream_bytes >> 20} MiB", n, stream_bytes / gbps, gbps=gbps / 1e9,
+                    of_read=gbps / read[n]))
         del mapped
     del buffer
 
@@ -120,17 +126,17 @@ def run(shapes=SHAPES_2B4T, threads=(1, 2), tokens: int = 128, stream_bytes: int
             for name, t in zip(names, seconds):
                 per_matrix = t / len(matrices[name])
                 gbps = tiles[name].nbytes / per_matrix
-                rows.append(Row("gemv", f"{m}x{k}", n, per_matrix, name, gbps=gbps / 1e9,
-                                gweights=m * k / per_matrix / 1e9, of_read=gbps / read[n],
-                                vs_tiles=per_matrix / (seconds[0] / len(matrices[names[0]]))
-                                if names[0] == "tiles" and name != "tiles" else None))
+                add(Row("gemv", f"{m}x{k}", n, per_matrix, name, gbps=gbps / 1e9,
+                        gweights=m * k / per_matrix / 1e9, of_read=gbps / read[n],
+                        vs_tiles=per_matrix / (seconds[0] / len(matrices[names[0]]))
+                        if names[0] == "tiles" and name != "tiles" else None))
 
         for n in threads:
             seconds = best_seconds_each(
                 [lambda name=name: _native.gemm(matrices[name][0], many, isa, n) for name in names], repeats)
             for name, t in zip(names, seconds):
-                rows.append(Row("gemm", f"{m}x{k}x{tokens}", n, t, name, gmacs=m * k * tokens / t / 1e9,
-                                vs_tiles=t / seconds[0] if names[0] == "tiles" and name != "tiles" else None))
+                add(Row("gemm", f"{m}x{k}x{tokens}", n, t, name, gmacs=m * k * tokens / t / 1e9,
+                        vs_tiles=t / seconds[0] if names[0] == "tiles" and name != "tiles" else None))
         matrices.clear()  # free this shape's streams before the next shape's
     return rows
 

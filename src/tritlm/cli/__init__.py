@@ -8,9 +8,10 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, convert, dummy, info, perplexity, run, serve, train
+from . import bench, convert, dummy, info, perplexity, pull, run, serve, train
+from . import list as list_models
 
-SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve)
+SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve, pull, list_models)
 
 
 def add_device_argument(parser) -> None:
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ends in one `tritlm: error:` line, never a traceback; so do Ctrl-C and a closed pipe."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model", None):  # a Hub id -> its local path
+            from ..hub import resolve_model
+
+            args.model = resolve_model(args.model, revision=args.revision, offline=args.offline)
         return args.func(args) or 0
     except ValueError as e:
         return _error(e)
@@ -48,3 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 def _error(message) -> int:
     print(f"tritlm: error: {message}", file=sys.stderr)
     return 2
+
+
+def add_model_source(parser) -> None:
+    """--revision and --offline, for the subcommands whose model may be a Hub id."""
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub id: the branch, tag or commit (default: main)")
+    parser.add_argument("--offline", action="store_true",
+                        help="load a Hub model from the cache only, never the network (also: HF_HUB_OFFLINE=1)")

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_parser(subparsers) -> None:
-    from . import add_device_argument
+    from . import add_device_argument, add_model_source
 
     bench = subparsers.add_parser(
         "bench", help="benchmarks: a model (-m), or the kernels",
@@ -15,7 +16,8 @@ def add_parser(subparsers) -> None:
                     "mean ± std over -r runs, load time, peak RSS and the decode roofline (bytes "
                     "read per token x tokens/s over the read bandwidth measured in the same run). "
                     "`tritlm bench kernels` benchmarks the kernels alone.")
-    bench.add_argument("-m", "--model", help="GGUF file or Hugging Face directory")
+    bench.add_argument("-m", "--model", help="GGUF file, Hugging Face directory or Hub id org/repo[:FILE]")
+    add_model_source(bench)
     bench.add_argument("-p", "--n-prompt", type=int, nargs="+", default=[128], help="prompt lengths (default 128)")
     bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to generate (default 128; 0: none)")
     bench.add_argument("-t", "--threads", type=int, nargs="+", default=None,
@@ -89,6 +91,12 @@ def _shape(text: str) -> tuple[int, int]:
     return m, k
 
 
+def _progress_line(row) -> None:
+    """One line per measurement on stderr while `bench kernels` runs (minutes), stdout keeps the table."""
+    print(f"measured {' '.join(filter(None, (row.kernel, row.layout, row.shape)))}, {row.threads} thread(s): "
+          f"{row.seconds * 1e6:.1f} us", file=sys.stderr, flush=True)
+
+
 def run_kernels(args) -> int:
     from ..bench import kernels as harness
     from ..kernels import default_isa, default_threads
@@ -101,7 +109,7 @@ def run_kernels(args) -> int:
     isa = args.isa or default_isa()
     rows = harness.run(shapes=shapes, threads=threads, tokens=args.tokens,
                        stream_bytes=args.stream_mib << 20, repeats=args.repeats, isa=isa,
-                       layout_names=layouts)
+                       layout_names=layouts, progress=_progress_line)
     print(json.dumps({"isa": isa, "rows": harness.as_dicts(rows)}, indent=1) if args.json
           else harness.markdown(rows, isa))
     return 0

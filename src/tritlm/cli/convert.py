@@ -4,12 +4,15 @@ from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
+    from . import add_model_source
+
     p = subparsers.add_parser(
         "convert", help="convert a Hugging Face checkpoint to GGUF",
         description="Write a Hugging Face BitNet / ternary Llama checkpoint (bf16 master weights "
                     "or packed) as a GGUF file with its tokenizer: I2_S for bitnet.cpp, TQ2_0 or "
                     "TQ1_0 for llama.cpp.")
-    p.add_argument("model", help="Hugging Face model directory")
+    p.add_argument("model", help="Hugging Face model directory, or Hub id org/repo")
+    add_model_source(p)
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     p.add_argument("--type", default="I2_S", choices=["I2_S", "TQ2_0", "TQ1_0"],
                    help="ternary layout (default I2_S)")

@@ -27,7 +27,7 @@ def run(args) -> int:
     from ..bench.dummy import write_dummy
 
     c = write_dummy(args.output, args.preset, arch=args.arch, ternary_type=args.type,
-                    embedding_type=args.embedding, seed=args.seed)
+                    embedding_type=args.embedding, seed=args.seed, progress=True)
     print(f"wrote {args.output}: {args.preset} ({c.n_layers} layers, hidden {c.hidden_size}, "
           f"ffn {c.intermediate_size}), {args.type} weights, {args.embedding} embedding")
     return 0

@@ -10,12 +10,17 @@ import numpy as np
 
 
 def add_parser(subparsers) -> None:
+    from . import add_model_source
+
     p = subparsers.add_parser("info", help="show a model's metadata, tensors and integrity",
                               description="Print a GGUF file's or Hugging Face directory's metadata, "
                                           "a table of its tensors (name, type, shape, bytes) and the "
                                           "result of loading it: declared sizes against the file, "
                                           "all-zero ternary matrices.")
-    p.add_argument("model", help="GGUF file or Hugging Face model directory")
+    p.add_argument("model", help="GGUF file, Hugging Face model directory or Hub id org/repo[:FILE]")
+    add_model_source(p)
+    p.add_argument("--sha256", action="store_true",
+                   help="also print the sha256 of the weight file(s), to compare with the Hub's")
     p.set_defaults(func=run)
 
 
@@ -47,6 +52,12 @@ def run(args) -> int:
     for name, kind, shape, nbytes in rows:
         print(f"  {name:<{width}}  {kind:<6}  {str(tuple(shape)):<16}  {nbytes}")
 
+    if args.sha256:
+        from ..hub import sha256_file, weight_files
+
+        print()
+        for path in weight_files(args.model):
+            print(f"sha256: {sha256_file(path)}  {path}")
     print("\nintegrity:", end=" ")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    from . import add_device_argument
+    from . import add_device_argument, add_model_source
 
     p = subparsers.add_parser(
         "perplexity", help="perplexity of a model on a text file",
@@ -16,7 +16,9 @@ def add_parser(subparsers) -> None:
                     "context). Prints the running perplexity per batch, then the final value "
                     "± its standard error.")
     p.add_argument("-m", "--model", default=None,
-                   help="GGUF file or Hugging Face model directory (default: the bundled tiny model)")
+                   help="GGUF file, Hugging Face model directory or Hub id org/repo[:FILE] "
+                        "(default: the bundled tiny model)")
+    add_model_source(p)
     p.add_argument("-f", "--file", required=True, help="text file to score")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="window length in tokens (default: 512, or the model's context if smaller)")

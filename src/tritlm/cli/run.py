@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    from . import add_device_argument
+    from . import add_device_argument, add_model_source
 
     p = subparsers.add_parser(
         "run", help="generate text from a prompt, or chat with -cnv",
@@ -15,8 +15,9 @@ def add_parser(subparsers) -> None:
                     "the session is an interactive chat: Ctrl-C stops a reply, Ctrl-D or an empty "
                     "line ends it; the oldest turns are dropped when the chat outgrows the context.")
     p.add_argument("-m", "--model", default=None,
-                   help="GGUF file or Hugging Face model directory (default: the tiny model bundled "
-                        "with tritlm, trained on Python's standard library)")
+                   help="GGUF file, Hugging Face model directory or Hub id org/repo[:FILE] (default: "
+                        "the tiny model bundled with tritlm, trained on Python's standard library)")
+    add_model_source(p)
     p.add_argument("-p", "--prompt", default="", help="prompt (with -cnv: the system prompt)")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")

@@ -8,7 +8,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 def add_parser(subparsers) -> None:
-    from . import add_device_argument
+    from . import add_device_argument, add_model_source
 
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
@@ -17,7 +17,9 @@ def add_parser(subparsers) -> None:
                     "web chat page at /. Requests are batched continuously: every running request "
                     "advances in the same pass over the weights. Needs the [server] extra.")
     p.add_argument("-m", "--model", default=None,
-                   help="GGUF file or Hugging Face model directory (default: the bundled model)")
+                   help="GGUF file, Hugging Face model directory or Hub id org/repo[:FILE] "
+                        "(default: the bundled model)")
+    add_model_source(p)
     p.add_argument("-p", "--prompt", default=None, help="system prompt for chats that have none")
     p.add_argument("-n", "--n-predict", type=int, default=512,
                    help="max_tokens of requests that give none; -1: until the context is full (default 512)")

@@ -20,6 +20,8 @@ from . import data
 from .export import export_gguf, export_hf
 from .model import BitNetModel, ModelArgs
 
+LOG_SECONDS = 30.0  # how often a progress line is logged when stderr is no terminal (no bar there)
+
 
 @dataclass
 class TrainOptions:
@@ -235,7 +237,11 @@ def train(o: TrainOptions, resume: bool = False, *, steps: int | None = None,
         os.replace(out / "checkpoint.tmp", ckpt_path)
 
     tokens_per_step = o.batch_size * o.context_length
-    bar = tqdm(total=o.steps or None, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
+    # a bar on a terminal; elsewhere (a log file, CI) a line every LOG_SECONDS instead
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=o.steps or None, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not interactive)
+    last_line = time.perf_counter()
     model.train()
     loss_avg = None
     try:
@@ -257,6 +263,10 @@ def train(o: TrainOptions, resume: bool = False, *, steps: int | None = None,
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:.0f}",
                             min=f"{elapsed / 60:.1f}")
+            if not interactive and time.perf_counter() - last_line >= LOG_SECONDS:
+                last_line = time.perf_counter()
+                log(f"step {step}{f'/{o.steps}' if o.steps else ''}: train loss {loss_avg:.3f}, lr {lr:.2e}, "
+                    f"{tokens_per_step / dt:.0f} tokens/s, {elapsed / 60:.1f} min")
             done = progress() >= 1.0
             t1 = time.perf_counter()  # evals and checkpoints count towards the time limit too
             if step % o.eval_interval == 0 or done:
