@@ -6,15 +6,18 @@
   and the device time of one captured step alone;
 - pp{n}: prefill tokens/s of an n-token prompt;
 - tg x B: aggregate decode tokens/s of B sequences advancing together (logits of all of them
-  copied to the host every step, as the server needs them);
-- gemv: each of a layer's ternary matrices times one token, over all the layers' copies of it
-  (so the weights stream from memory, not L2), GB/s of the words read and % of copy bandwidth;
+  copied to the host every step, as the server needs them), and the device time of one replay
+  of that batch's captured step;
+- gemv: each of a layer's ternary matrices times one token as the engine runs it (RMSNorm and
+  quantization inside the GEMV but for ffn_down), over all the layers' copies of it (so the
+  weights stream from memory, not L2), GB/s of the words read and % of copy bandwidth;
   beside torch's bf16 F.linear of the same shape (random weights, as many copies), the GPU
   kernel a user would run instead;
 - bf16 step: the sum over the model's linears and LM head of those bf16 times: a lower bound
   on a bf16 engine's decode step, against tritlm's whole step (the graph replay);
 - kernels x B: device time per kernel of one decode step of B sequences (torch.profiler, the
-  step run without its graph): where the time goes.
+  step run without its graph): where the time goes;
+- tuned: the tiles the autotuned kernels (GEMV, head) chose for each shape.
 
 Device times come from CUDA graphs replayed between CUDA events (median of the replays), so
 launch gaps do not count.
@@ -90,7 +93,7 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
     for t in tokens(n_gen):
         engine.forward([(seq, [t])])
     report["tg1_ms"] = (time.perf_counter() - start) / n_gen * 1e3
-    report["tg1_device_ms"] = event_seconds(engine._graph.replay) * 1e3  # (rewrites one position's k, v)
+    report["tg1_device_ms"] = event_seconds(engine._graphs[1][1].replay) * 1e3  # (rewrites one position's k, v)
     report["tg1_roofline"] = engine.decode_bytes / (report["tg1_device_ms"] / 1e3) / 1e9 / bandwidth
 
     for p in prompts:
@@ -112,6 +115,7 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
         for _ in range(8):
             engine.forward([(s, tokens(1)) for s in seqs])
         report[f"tg_x{b}_tokens_per_s"] = 8 * b / (time.perf_counter() - start)
+        report[f"tg_x{b}_device_ms"] = event_seconds(engine._graphs[b][1].replay) * 1e3
         del seqs
 
     report["kernels"] = {f"x{b}": kernel_breakdown(engine, b) for b in (1, max(batches, default=1))}
@@ -120,6 +124,7 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
     x = torch.randn(1, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     linears_ms = sum(g["bf16_us"] for g in report["gemv"]) * config.n_layers / 1e3
     report["bf16_step_ms"] = linears_ms + graph_seconds(lambda: F.linear(x, head)) * 1e3
+    report["tuned"] = K.tuned()
     return report
 
 
@@ -144,16 +149,21 @@ def kernel_breakdown(engine: CudaEngine, batch: int, top: int = 10) -> list[dict
 
 
 def gemv_rows(engine: CudaEngine, bandwidth: float) -> list[dict]:
-    """One token through every layer's copy of each matrix shape: ternary GEMV and bf16 F.linear."""
+    """One token through every layer's copy of each matrix shape: ternary GEMV (as the engine
+    runs it) and bf16 F.linear."""
     rows = []
     n = len(engine.layers)
     for key in KEYS:
         matrices = [getattr(layer, key) for layer in engine.layers]
         m, k = matrices[0].shape
         x = torch.randn(1, k, device="cuda")
-        act = K.quantize(x, with_y=True)
+        norm = torch.ones(k, device="cuda")
         out = torch.empty(1, m, device="cuda")
-        ours = graph_seconds(lambda: [K.linear(act, w, out=out) for w in matrices]) / n
+        if key == "ffn_down":  # (quantized by the gated product's own kernel)
+            act = K.quantize(x)
+            ours = graph_seconds(lambda: [K.linear(act, w, out=out) for w in matrices]) / n
+        else:
+            ours = graph_seconds(lambda: [K.norm_linear(x, norm, 1e-5, w, out=out) for w in matrices]) / n
         weights = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
         xb = x.to(torch.bfloat16)
         bf16 = graph_seconds(lambda: [F.linear(xb, w) for w in weights]) / n
@@ -176,6 +186,8 @@ def markdown(r: dict) -> str:
              f"({r['bf16_step_ms'] / r['tg1_device_ms']:.2f}x tritlm's whole step) |"]
     lines += [f"| {key.replace('_tokens_per_s', '')} | {value:.0f} tokens/s |" for key, value in r.items()
               if key.endswith("_tokens_per_s")]
+    lines += [f"| {key.replace('_device_ms', '')} device time (one graph replay) | {value:.3f} ms |"
+              for key, value in r.items() if key.startswith("tg_x") and key.endswith("_device_ms")]
     for name, rows in r["kernels"].items():
         lines += ["", f"| kernel (one eager step, {name}) | device us | calls |", "|---|---|---|"]
         lines += [f"| {k['name']} | {k['us']:.0f} | {k['calls']} |" for k in rows]
@@ -183,4 +195,6 @@ def markdown(r: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['matrix']} | {g['shape']} | {g['us']:.1f} | {g['gbps']:.0f} | {g['of_copy']:.0%} | "
               f"{g['bf16_us']:.1f} | {g['bf16_gbps']:.0f} | {g['speedup_vs_bf16']:.2f}x |" for g in r["gemv"]]
+    for name, keys in r.get("tuned", {}).items():
+        lines += ["", f"{name} tiles (autotuned): " + "; ".join(f"{k}: {v}" for k, v in keys.items())]
     return "\n".join(lines)
