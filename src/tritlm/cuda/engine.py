@@ -207,8 +207,8 @@ class CudaEngine(Engine):
     def _capture(self, size: int) -> tuple:
         if self._padding is None:  # token 0 at position 0 of a scratch cache
             scratch = self._scratch = self.new_sequence(n_ctx=1)
-            self._padding = np.array([[0], [0], [scratch.kv.data_ptr()], [self.config.n_kv_heads * self.config.head_dim]],
-                                     np.int64)
+            plane = self.config.n_kv_heads * self.config.head_dim
+            self._padding = np.array([[0], [0], [scratch.kv.data_ptr()], [plane]], np.int64)
         static = torch.from_numpy(np.repeat(self._padding, size, axis=1)).to(self.device)
         rows = torch.arange(size, device=self.device)
         stream = torch.cuda.Stream(self.device)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 BLOCK_COLS = 512  # columns per layout block
 BLOCK_WORDS = 32  # int32 words per row per block
@@ -67,8 +68,26 @@ def padded_k(k: int) -> int:
     return -(-k // BLOCK_COLS) * BLOCK_COLS
 
 
-def _launch(kernel, grid, *args, **meta):
+# Programmatic dependent launch (Hopper), off by default: the decode kernels start while the one
+# before them finishes, load what no kernel writes (weights), then wait for it (_after_previous).
+# An experiment `tritlm bench --device cuda` measures beside the default.
+PDL = False
+
+
+def _launch(kernel, grid, *args, pdl=False, **meta):
+    """kernel[grid](args), without fused multiply-add; pdl: a kernel that calls _after_previous."""
+    if pdl:
+        meta.update(PDL=PDL, launch_pdl=PDL)
     kernel[grid](*args, enable_fp_fusion=False, **meta)
+
+
+@triton.jit
+def _after_previous(PDL: tl.constexpr):
+    """With programmatic dependent launch: let the next kernel start, and wait until the previous
+    one has finished (its writes visible). Nothing before this may read what a kernel writes."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 # ------------------------------------------------------------------------------ weight layout
@@ -167,8 +186,9 @@ def _act_scale(h):
 @triton.jit
 def _act_kernel(x_ptr, x_stride, norm_ptr, q_ptr, scale_ptr, sum_ptr, h_ptr, K, KP, eps,
                 GATED: tl.constexpr, RELU2: tl.constexpr, HAS_NORM: tl.constexpr,
-                FLOAT_OUT: tl.constexpr, BLOCK: tl.constexpr):
+                FLOAT_OUT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One token per program: [gated ->] [RMSNorm ->] float out, or int8 quantization."""
+    _after_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     row = x_ptr + t * x_stride
     offs = tl.arange(0, BLOCK)
@@ -200,7 +220,7 @@ def _act_launch(x, norm, eps, gated, relu2, float_out):
     block = triton.next_power_of_2(kp)
     _launch(_act_kernel, (t,), x, x.stride(0), norm if norm is not None else x, q, scale, total, h, k, kp, eps,
             GATED=gated, RELU2=relu2, HAS_NORM=norm is not None, FLOAT_OUT=float_out, BLOCK=block,
-            num_warps=min(16, max(4, block // 512)))
+            num_warps=min(16, max(4, block // 512)), pdl=True)
     return h if float_out else Activations(q, scale, total)
 
 
@@ -225,7 +245,7 @@ def _epilogue(s, act_sum, act_scale, row_scale):
 @triton.jit
 def _gemv_kernel(x_ptr, norm_ptr, eps, q_ptr, scale_ptr, sum_ptr, w_ptr, row_scale_ptr, out_ptr, M, K, KW,
                  QUANTIZE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                 WORDS: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
+                 WORDS: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """out[rows] (+)= one token's activations times WORDS / BW rows, BW words (BW / 32 blocks)
     per step.
     The activations: int8 q [Kp] with its scale and sum, or (QUANTIZE) the float row x [K],
@@ -238,6 +258,7 @@ def _gemv_kernel(x_ptr, norm_ptr, eps, q_ptr, scale_ptr, sum_ptr, w_ptr, row_sca
     xcol = (cols // 32) * 512 + cols % 32  # plane 0's column of each word
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * KW
     w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & (cols < KW)[None, :], other=0)
+    _after_previous(PDL)
     if QUANTIZE:
         offs = tl.arange(0, BK)
         mask = offs < K
@@ -348,7 +369,7 @@ def _gemv_launch(w: Matrix, out: torch.Tensor | None, accumulate: bool, device, 
     bw = min(triton.next_power_of_2(kw), GEMV_MAX_WORDS)
     tile = {"WORDS": INTERPRET_GEMV_WORDS, "num_warps": 4} if INTERPRET else {}
     _launch(_gemv, lambda meta: (triton.cdiv(m, meta["WORDS"] // bw),), w_ptr=w.words, row_scale_ptr=w.scale,
-            out_ptr=out, M=m, KW=kw, HAS_RES=accumulate, BW=bw, **args, **tile)
+            out_ptr=out, M=m, KW=kw, HAS_RES=accumulate, BW=bw, **args, **tile, pdl=True)
     return out
 
 
@@ -387,8 +408,9 @@ def norm_linear(x: torch.Tensor, norm: torch.Tensor | None, eps: float, w: Matri
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, kv_ptr, plane_ptr, cos_ptr, sin_ptr, q_out_ptr,
                        layer, HQ, HKV, D, HALF, NEOX: tl.constexpr, KV_F32: tl.constexpr,
-                       BH: tl.constexpr, BHALF: tl.constexpr, BD: tl.constexpr):
+                       BH: tl.constexpr, BHALF: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """One token: rotate its q into q_out, its k into the cache, and copy its v there."""
+    _after_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     p = tl.load(pos_ptr + t)
     i = tl.arange(0, BHALF)
@@ -428,8 +450,9 @@ def _rope_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, kv_ptr, plane_ptr, cos_ptr,
 
 @triton.jit
 def _attention_kernel(q_ptr, pos_ptr, kv_ptr, plane_ptr, out_ptr, layer, HQ, HKV, D, scale,
-                      KV_F32: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+                      KV_F32: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
     """One (token, query head): softmax over cache rows 0..position, online, in float32."""
+    _after_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     g = hq // (HQ // HKV)
@@ -470,7 +493,7 @@ def rope_and_cache(qkv, positions, kv_addr, kv_plane, cos, sin, layer, hq, hkv, 
     half = d // 2
     _launch(_rope_cache_kernel, (t,), qkv, qkv.stride(0), positions, kv_addr, kv_plane, cos, sin, q, layer,
             hq, hkv, d, half, NEOX=neox, KV_F32=kv_f32, BH=triton.next_power_of_2(hq),
-            BHALF=triton.next_power_of_2(half), BD=triton.next_power_of_2(d), num_warps=4)
+            BHALF=triton.next_power_of_2(half), BD=triton.next_power_of_2(d), num_warps=4, pdl=True)
     return q
 
 
@@ -479,7 +502,7 @@ def attention(q, positions, kv_addr, kv_plane, layer, hq, hkv, d, kv_f32):
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d)  # in double; the kernel takes it as float, as the CPU does
     _launch(_attention_kernel, (t, hq), q, positions, kv_addr, kv_plane, out, layer, hq, hkv, d, scale,
-            KV_F32=kv_f32, BD=triton.next_power_of_2(d), BN=64 if d <= 64 else 32, num_warps=4)
+            KV_F32=kv_f32, BD=triton.next_power_of_2(d), BN=64 if d <= 64 else 32, num_warps=4, pdl=True)
     return out
 
 
@@ -509,7 +532,7 @@ def _head_kernel(h_ptr, w_ptr, out_ptr, R, V, D, BM: tl.constexpr, BN: tl.conste
 
 
 @triton.jit
-def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.constexpr):
+def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """logits [V] of one hidden state h [D] (float32) and w [V, D] (float16): BN rows per
     program, float32 products and sums, the next step's weights loaded while this one adds."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -517,6 +540,7 @@ def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.cons
     ks = tl.arange(0, BK)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * D
     w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :], other=0.0)
+    _after_previous(PDL)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k in range(0, D, BK):
         cur = w.to(tl.float32)
@@ -547,7 +571,7 @@ def head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty((r, v), dtype=torch.float32, device=h.device)
     if r == 1:
         tile = {"BN": 16, "BK": 256, "num_warps": 4} if INTERPRET else {}
-        _launch(_head_gemv, lambda meta: (triton.cdiv(v, meta["BN"]),), h, w, out, v, d, **tile)
+        _launch(_head_gemv, lambda meta: (triton.cdiv(v, meta["BN"]),), h, w, out, v, d, **tile, pdl=True)
         return out
     bm = 16 if r <= 16 else 64
     tile = {"BN": 128, "BK": 32, "num_warps": 4} if INTERPRET else {}
