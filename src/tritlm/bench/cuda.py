@@ -22,11 +22,14 @@
   speed, and its logits against the default's (equal, if it is sound).
 
 Device times come from CUDA graphs replayed between CUDA events (median of the replays), so
-launch gaps do not count.
+launch gaps do not count. The report so far goes to stderr after each stage (a run cut short
+keeps what it measured).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 import numpy as np
@@ -97,6 +100,7 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
     report["tg1_ms"] = (time.perf_counter() - start) / n_gen * 1e3
     report["tg1_device_ms"] = event_seconds(engine._graphs[1][1].replay) * 1e3  # (rewrites one position's k, v)
     report["tg1_roofline"] = engine.decode_bytes / (report["tg1_device_ms"] / 1e3) / 1e9 / bandwidth
+    progress(report)
 
     for p in prompts:
         rates = []
@@ -117,8 +121,10 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
         for _ in range(8):
             engine.forward([(s, tokens(1)) for s in seqs])
         report[f"tg_x{b}_tokens_per_s"] = 8 * b / (time.perf_counter() - start)
-        report[f"tg_x{b}_device_ms"] = event_seconds(engine._graphs[b][1].replay) * 1e3
+        graph = engine._graphs[1 << (b - 1).bit_length()][1]  # (b rounded up to a power of two)
+        report[f"tg_x{b}_device_ms"] = event_seconds(graph.replay) * 1e3
         del seqs
+    progress(report)
 
     report["kernels"] = {f"x{b}": kernel_breakdown(engine, b) for b in (1, max(batches, default=1))}
     report["gemv"] = gemv_rows(engine, bandwidth)
@@ -127,8 +133,13 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
     linears_ms = sum(g["bf16_us"] for g in report["gemv"]) * config.n_layers / 1e3
     report["bf16_step_ms"] = linears_ms + graph_seconds(lambda: F.linear(x, head)) * 1e3
     report["tuned"] = K.tuned()
+    progress(report)
     report["pdl"] = pdl_trial(engine, tokens, n_gen)
     return report
+
+
+def progress(report: dict) -> None:
+    print(f"tritlm bench (so far): {json.dumps(report)}", file=sys.stderr, flush=True)
 
 
 def pdl_trial(engine: CudaEngine, tokens, n_gen: int) -> dict:
