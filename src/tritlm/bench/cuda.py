@@ -8,18 +8,14 @@
 - tg x B: aggregate decode tokens/s of B sequences advancing together (logits of all of them
   copied to the host every step, as the server needs them), and the device time of one replay
   of that batch's captured step;
-- gemv: each of a layer's ternary matrices times one token as the engine runs it (RMSNorm and
-  quantization inside the GEMV but for ffn_down), over all the layers' copies of it (so the
-  weights stream from memory, not L2), GB/s of the words read and % of copy bandwidth;
+- gemv: each of a layer's ternary matrices times one token, over all the layers' copies of it
+  (so the weights stream from memory, not L2), GB/s of the words read and % of copy bandwidth;
   beside torch's bf16 F.linear of the same shape (random weights, as many copies), the GPU
   kernel a user would run instead;
 - bf16 step: the sum over the model's linears and LM head of those bf16 times: a lower bound
   on a bf16 engine's decode step, against tritlm's whole step (the graph replay);
 - kernels x B: device time per kernel of one decode step of B sequences (torch.profiler, the
-  step run without its graph): where the time goes;
-- tuned: the tiles the autotuned kernels (GEMV, head) chose for each shape;
-- pdl: an experiment, batch-1 decode with programmatic dependent launch (`kernels.PDL`): its
-  speed, and its logits against the default's (equal, if it is sound).
+  step run without its graph): where the time goes.
 
 Device times come from CUDA graphs replayed between CUDA events (median of the replays), so
 launch gaps do not count. The report so far goes to stderr after each stage (a run cut short
@@ -132,40 +128,11 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
     x = torch.randn(1, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     linears_ms = sum(g["bf16_us"] for g in report["gemv"]) * config.n_layers / 1e3
     report["bf16_step_ms"] = linears_ms + graph_seconds(lambda: F.linear(x, head)) * 1e3
-    report["tuned"] = K.tuned()
-    progress(report)
-    report["pdl"] = pdl_trial(engine, tokens, n_gen)
     return report
 
 
 def progress(report: dict) -> None:
     print(f"tritlm bench (so far): {json.dumps(report)}", file=sys.stderr, flush=True)
-
-
-def pdl_trial(engine: CudaEngine, tokens, n_gen: int) -> dict:
-    """Batch-1 decode with kernels.PDL on (graphs captured anew), against the default."""
-    prompt = tokens(24)
-
-    def decode():
-        seq = engine.new_sequence()
-        engine.forward([(seq, prompt[:16])])
-        return np.concatenate([engine.forward([(seq, [t])])[0] for t in prompt[16:]]), seq
-
-    try:
-        base, _ = decode()
-        K.PDL, engine._graphs = True, {}
-        logits, seq = decode()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for t in tokens(n_gen):
-            engine.forward([(seq, [t])])
-        seconds = (time.perf_counter() - start) / n_gen
-        return {"max_abs_diff": float(np.abs(logits - base).max()), "tg1_ms": seconds * 1e3,
-                "tg1_device_ms": event_seconds(engine._graphs[1][1].replay) * 1e3}
-    except Exception as e:  # (an experiment: its failure is a result)
-        return {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-    finally:
-        K.PDL, engine._graphs = False, {}
 
 
 def kernel_breakdown(engine: CudaEngine, batch: int, top: int = 10) -> list[dict]:
@@ -189,29 +156,22 @@ def kernel_breakdown(engine: CudaEngine, batch: int, top: int = 10) -> list[dict
 
 
 def gemv_rows(engine: CudaEngine, bandwidth: float) -> list[dict]:
-    """One token through every layer's copy of each matrix shape: ternary GEMV (as the engine
-    runs it) and bf16 F.linear."""
+    """One token through every layer's copy of each matrix shape: ternary GEMV and bf16 F.linear."""
     rows = []
     n = len(engine.layers)
     for key in KEYS:
         matrices = [getattr(layer, key) for layer in engine.layers]
         m, k = matrices[0].shape
         x = torch.randn(1, k, device="cuda")
-        norm = torch.ones(k, device="cuda")
+        act = K.quantize(x, with_y=True)
         out = torch.empty(1, m, device="cuda")
-        act = K.quantize(x)
-        if key == "ffn_down":  # (quantized by the gated product's own kernel)
-            ours = separate = graph_seconds(lambda: [K.linear(act, w, out=out) for w in matrices]) / n
-        else:
-            ours = graph_seconds(lambda: [K.norm_linear(x, norm, 1e-5, w, out=out) for w in matrices]) / n
-            separate = graph_seconds(lambda: [K.linear(K.quantize(x, norm, 1e-5), w, out=out)
-                                              for w in matrices]) / n
+        ours = graph_seconds(lambda: [K.linear(act, w, out=out) for w in matrices]) / n
         weights = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(n)]
         xb = x.to(torch.bfloat16)
         bf16 = graph_seconds(lambda: [F.linear(xb, w) for w in weights]) / n
         del weights
         gbps = matrices[0].nbytes / ours / 1e9
-        rows.append({"matrix": key, "shape": f"{m}x{k}", "us": ours * 1e6, "separate_us": separate * 1e6, "gbps": gbps,
+        rows.append({"matrix": key, "shape": f"{m}x{k}", "us": ours * 1e6, "gbps": gbps,
                      "of_copy": gbps / bandwidth, "bf16_us": bf16 * 1e6, "bf16_gbps": m * k * 2 / bf16 / 1e9,
                      "speedup_vs_bf16": bf16 / ours})
     return rows
@@ -233,13 +193,8 @@ def markdown(r: dict) -> str:
     for name, rows in r["kernels"].items():
         lines += ["", f"| kernel (one eager step, {name}) | device us | calls |", "|---|---|---|"]
         lines += [f"| {k['name']} | {k['us']:.0f} | {k['calls']} |" for k in rows]
-    lines += ["", "| matrix | shape | GEMV us | quantize + GEMV us | GB/s | of copy | bf16 F.linear us | bf16 GB/s "
-              "| speedup |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {g['matrix']} | {g['shape']} | {g['us']:.1f} | {g['separate_us']:.1f} | {g['gbps']:.0f} | "
-              f"{g['of_copy']:.0%} | "
+    lines += ["", "| matrix | shape | GEMV us | GB/s | of copy | bf16 F.linear us | bf16 GB/s | speedup |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['matrix']} | {g['shape']} | {g['us']:.1f} | {g['gbps']:.0f} | {g['of_copy']:.0%} | "
               f"{g['bf16_us']:.1f} | {g['bf16_gbps']:.0f} | {g['speedup_vs_bf16']:.2f}x |" for g in r["gemv"]]
-    if "pdl" in r:
-        lines += ["", f"programmatic dependent launch (experiment): {r['pdl']}"]
-    for name, keys in r.get("tuned", {}).items():
-        lines += ["", f"{name} tiles (autotuned): " + "; ".join(f"{k}: {v}" for k, v in keys.items())]
     return "\n".join(lines)

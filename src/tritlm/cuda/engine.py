@@ -172,18 +172,19 @@ class CudaEngine(Engine):
         cache planes] (int64 [4, T]); the hidden states or logits of `rows`."""
         c = self.config
         ids, positions, kv_addr, kv_plane = meta
+        one = meta.shape[1] == 1  # one token: the GEMV, which reads the telescoped activations
         kv_f32 = self.kv_dtype == torch.float32
         relu2 = c.activation == "relu2"
         eps = c.norm_eps
         x = self.embedding.index_select(0, ids)
         for i, L in enumerate(self.layers):
-            qkv = K.norm_linear(x, L.attn_norm, eps, L.qkv)
+            qkv = K.linear(K.quantize(x, L.attn_norm, eps, with_y=one), L.qkv)
             q = K.rope_and_cache(qkv, positions, kv_addr, kv_plane, self.cos, self.sin, i, c.n_heads,
                                  c.n_kv_heads, c.head_dim, c.rope_style == "neox", kv_f32)
             a = K.attention(q, positions, kv_addr, kv_plane, i, c.n_heads, c.n_kv_heads, c.head_dim, kv_f32)
-            K.norm_linear(a, L.attn_sub_norm, eps, L.attn_output, out=x, accumulate=True)
-            gate_up = K.norm_linear(x, L.ffn_norm, eps, L.gate_up)
-            f = K.quantize(gate_up, L.ffn_sub_norm, eps, gated=True, relu2=relu2)
+            K.linear(K.quantize(a, L.attn_sub_norm, eps, with_y=one), L.attn_output, out=x, accumulate=True)
+            gate_up = K.linear(K.quantize(x, L.ffn_norm, eps, with_y=one), L.gate_up)
+            f = K.quantize(gate_up, L.ffn_sub_norm, eps, gated=True, relu2=relu2, with_y=one)
             K.linear(f, L.ffn_down, out=x, accumulate=True)
         if rows is None:
             return None
@@ -213,7 +214,7 @@ class CudaEngine(Engine):
         rows = torch.arange(size, device=self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # compile and tune every kernel before capture
+        with torch.cuda.stream(stream):  # compile every kernel before capture
             self._run(static, rows, False)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()

@@ -10,9 +10,9 @@ code (ternary + 1: 0, 1 or 2) of column 32j + w of that block. Why:
   an ordinary [tokens, 512] slice of the activations on the int8 tensor cores (`tl.dot`,
   int32 accumulation: exact);
 - the GEMV (one token) needs no mask at all: with v_j = word >> 2j (unsigned) the code of plane
-  j is v_j - 4 v_(j+1), so sum_j code_j x_j = sum_j v_j (x_j - 4 x_(j-1)). The GEMV forms
-  y_j = x_j - 4 x_(j-1) once per word as it walks the planes, then does one shift and one
-  multiply-add per weight, in wrapping 32-bit arithmetic (exact: the true sum fits in int32).
+  j is v_j - 4 v_(j+1), so sum_j code_j x_j = sum_j v_j (x_j - 4 x_(j-1)). The quantizer writes
+  y = x_j - 4 x_(j-1) beside x, and the GEMV does one shift and one multiply-add per weight,
+  in wrapping 32-bit arithmetic (exact: the true sum fits in int32).
 
 Arithmetic is the CPU's (`tritlm.quant.arithmetic`) step by step: per-token absmax int8
 activations, scale = (float)(127 / max(amax, 1e-5)) in double, round half to even; integer sums
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 BLOCK_COLS = 512  # columns per layout block
 BLOCK_WORDS = 32  # int32 words per row per block
@@ -68,26 +67,8 @@ def padded_k(k: int) -> int:
     return -(-k // BLOCK_COLS) * BLOCK_COLS
 
 
-# Programmatic dependent launch (Hopper), off by default: the decode kernels start while the one
-# before them finishes, load what no kernel writes (weights), then wait for it (_after_previous).
-# An experiment `tritlm bench --device cuda` measures beside the default.
-PDL = False
-
-
-def _launch(kernel, grid, *args, pdl=False, **meta):
-    """kernel[grid](args), without fused multiply-add; pdl: a kernel that calls _after_previous."""
-    if pdl:
-        meta.update(PDL=PDL, launch_pdl=PDL)
+def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, enable_fp_fusion=False, **meta)
-
-
-@triton.jit
-def _after_previous(PDL: tl.constexpr):
-    """With programmatic dependent launch: let the next kernel start, and wait until the previous
-    one has finished (its writes visible). Nothing before this may read what a kernel writes."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
 
 
 # ------------------------------------------------------------------------------ weight layout
@@ -131,10 +112,11 @@ class Matrix:
 
 @dataclass
 class Activations:
-    """Quantized activations of T tokens: q int8 [T, Kp] (zero past K), scale float32 [T],
-    sum int32 [T]."""
+    """Quantized activations of T tokens: q int8 [T, Kp] (zero past K), y int32 [T, Kp] (the
+    GEMV's telescoped form, or None), scale float32 [T], sum int32 [T]."""
 
     q: torch.Tensor
+    y: torch.Tensor | None
     scale: torch.Tensor
     sum: torch.Tensor
 
@@ -162,77 +144,72 @@ def _quantized(h, scale):
 
 
 @triton.jit
-def _rms(v, norm_ptr, offs, mask, K, eps, HAS_NORM: tl.constexpr):
-    """RMSNorm's factor r and weights w of a row v (h = v * r * w): r = (float)(1 / sqrt(mean(v^2)
-    + eps)), the mean in double; r = w = 1 without a norm."""
-    if HAS_NORM:
-        v64 = v.to(tl.float64)
-        mean = tl.sum(v64 * v64, axis=0) / K
-        r = (1.0 / tl.sqrt(mean + eps)).to(tl.float32)  # (float64: correctly rounded)
-        w = tl.load(norm_ptr + offs, mask=mask, other=0.0)
-    else:
-        r = 1.0
-        w = tl.full(v.shape, 1.0, tl.float32)
-    return r, w
-
-
-@triton.jit
-def _act_scale(h):
-    """The int8 scale of a row: (float)(127 / max(amax, 1e-5)), in double."""
-    amax = tl.max(tl.abs(h), axis=0)
-    return (127.0 / tl.maximum(amax.to(tl.float64), 1e-5)).to(tl.float32)
-
-
-@triton.jit
-def _act_kernel(x_ptr, x_stride, norm_ptr, q_ptr, scale_ptr, sum_ptr, h_ptr, K, KP, eps,
+def _act_kernel(x_ptr, x_stride, norm_ptr, q_ptr, y_ptr, scale_ptr, sum_ptr, h_ptr, K, KP, eps,
                 GATED: tl.constexpr, RELU2: tl.constexpr, HAS_NORM: tl.constexpr,
-                FLOAT_OUT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                WITH_Y: tl.constexpr, FLOAT_OUT: tl.constexpr, BLOCK: tl.constexpr):
     """One token per program: [gated ->] [RMSNorm ->] float out, or int8 quantization."""
-    _after_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     row = x_ptr + t * x_stride
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     v = _values(row, offs, mask, K, GATED, RELU2)
-    r, w = _rms(v, norm_ptr, offs, mask, K, eps, HAS_NORM)
+    r = 1.0
+    w = tl.full([BLOCK], 1.0, tl.float32)
+    if HAS_NORM:  # x * (float)(1 / sqrt(mean(x^2) + eps)) * weight, the mean in double
+        v64 = v.to(tl.float64)
+        mean = tl.sum(v64 * v64, axis=0) / K
+        r = (1.0 / tl.sqrt(mean + eps)).to(tl.float32)  # (float64: correctly rounded)
+        w = tl.load(norm_ptr + offs, mask=mask, other=0.0)
     h = v * r * w
     if FLOAT_OUT:
         tl.store(h_ptr + t * K + offs, h, mask=mask)
     else:
-        scale = _act_scale(h)
+        amax = tl.max(tl.abs(h), axis=0)
+        scale = (127.0 / tl.maximum(amax.to(tl.float64), 1e-5)).to(tl.float32)
         q = _quantized(h, scale)
         tl.store(q_ptr + t * KP + offs, q.to(tl.int8), mask=offs < KP)
         tl.store(scale_ptr + t, scale)
         tl.store(sum_ptr + t, tl.sum(q, axis=0))
+        if WITH_Y:  # y = q - 4 q[32 columns back] inside each 512-column block
+            prev = offs - 32
+            has_prev = ((offs % 512) >= 32) & (prev < K)
+            vp = _values(row, prev, has_prev, K, GATED, RELU2)
+            if HAS_NORM:
+                wp = tl.load(norm_ptr + prev, mask=has_prev, other=0.0)
+            else:
+                wp = w
+            qp = tl.where(has_prev, _quantized(vp * r * wp, scale), 0)
+            tl.store(y_ptr + t * KP + offs, q - 4 * qp, mask=offs < KP)
 
 
-def _act_launch(x, norm, eps, gated, relu2, float_out):
+def _act_launch(x, norm, eps, gated, relu2, float_out, with_y):
     t, width = x.shape
     k = width // 2 if gated else width
     kp = padded_k(k)
     empty = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
     if float_out:
         h = empty((t, k), torch.float32)
-        q = scale = total = h  # (unused by the kernel)
+        q = y = scale = total = h  # (unused by the kernel)
     else:
         h = x  # (unused by the kernel)
         q, scale, total = empty((t, kp), torch.int8), empty(t, torch.float32), empty(t, torch.int32)
+        y = empty((t, kp), torch.int32) if with_y else q
     block = triton.next_power_of_2(kp)
-    _launch(_act_kernel, (t,), x, x.stride(0), norm if norm is not None else x, q, scale, total, h, k, kp, eps,
-            GATED=gated, RELU2=relu2, HAS_NORM=norm is not None, FLOAT_OUT=float_out, BLOCK=block,
-            num_warps=min(16, max(4, block // 512)), pdl=True)
-    return h if float_out else Activations(q, scale, total)
+    _launch(_act_kernel, (t,), x, x.stride(0), norm if norm is not None else x, q, y, scale, total, h, k, kp, eps,
+            GATED=gated, RELU2=relu2, HAS_NORM=norm is not None, WITH_Y=with_y, FLOAT_OUT=float_out, BLOCK=block,
+            num_warps=min(16, max(4, block // 512)))
+    return h if float_out else Activations(q, y if with_y else None, scale, total)
 
 
 def quantize(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, *,
-             gated: bool = False, relu2: bool = False) -> Activations:
+             gated: bool = False, relu2: bool = False, with_y: bool = False) -> Activations:
     """int8 activations of x float32 [T, K] (contiguous rows), RMSNorm-ed by `norm` first if
     given; gated: x is [T, 2F] (gate then up) and the input is relu2(gate) * up or silu(gate) * up."""
-    return _act_launch(x, norm, eps, gated, relu2, False)
+    return _act_launch(x, norm, eps, gated, relu2, False, with_y)
 
 
 def rms_norm(x: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
-    return _act_launch(x, norm, eps, False, False, True)
+    return _act_launch(x, norm, eps, False, False, True, False)
 
 
 # ----------------------------------------------------------------------------------- linears
@@ -243,64 +220,31 @@ def _epilogue(s, act_sum, act_scale, row_scale):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, norm_ptr, eps, q_ptr, scale_ptr, sum_ptr, w_ptr, row_scale_ptr, out_ptr, M, K, KW,
-                 QUANTIZE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                 WORDS: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-    """out[rows] (+)= one token's activations times WORDS / BW rows, BW words (BW / 32 blocks)
-    per step.
-    The activations: int8 q [Kp] with its scale and sum, or (QUANTIZE) the float row x [K],
-    RMSNorm-ed (HAS_NORM) and quantized here, by every program alike, as _act_kernel does: one
-    kernel instead of two, its latency hidden behind the first weight load."""
-    BN: tl.constexpr = WORDS // BW
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    rmask = rows < M
+def _gemv_kernel(y_ptr, scale_ptr, sum_ptr, w_ptr, row_scale_ptr, out_ptr, M, KW, KP, out_stride,
+                 HAS_RES: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+    """out[t, rows] (+)= one token's y times BN rows, BW words (BW / 32 blocks) per step."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    rows = pid * BN + tl.arange(0, BN)
     cols = tl.arange(0, BW)
+    rmask = rows < M
     xcol = (cols // 32) * 512 + cols % 32  # plane 0's column of each word
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * KW
-    w = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & (cols < KW)[None, :], other=0)
-    _after_previous(PDL)
-    if QUANTIZE:
-        offs = tl.arange(0, BK)
-        mask = offs < K
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        r, nw = _rms(v, norm_ptr, offs, mask, K, eps, HAS_NORM)
-        scale = _act_scale(v * r * nw)
-        total = tl.zeros([BW], tl.int32)
-    else:
-        scale = tl.load(scale_ptr)
     acc = tl.zeros([BN, BW], dtype=tl.uint32)
     for kw in range(0, KW, BW):
         cmask = kw + cols < KW
-        words = w.to(tl.uint32, bitcast=True)
-        nxt = kw + BW + cols  # the next step's words, loaded while this one computes
-        w = tl.load(w_rows + nxt[None, :], mask=rmask[:, None] & (nxt < KW)[None, :], other=0)
-        base = (kw // 32) * 512 + xcol
-        prev = tl.zeros([BW], tl.int32)
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * KW + kw + cols[None, :],
+                    mask=rmask[:, None] & cmask[None, :], other=0).to(tl.uint32, bitcast=True)
+        base = y_ptr + t * KP + (kw // 32) * 512 + xcol
         for j in tl.static_range(16):
-            c = base + 32 * j
-            if QUANTIZE:
-                cm = cmask & (c < K)
-                xj = tl.load(x_ptr + c, mask=cm, other=0.0)
-                if HAS_NORM:
-                    nj = tl.load(norm_ptr + c, mask=cm, other=0.0)
-                else:
-                    nj = 1.0
-                qj = _quantized(xj * r * nj, scale)
-                total += qj
-            else:
-                qj = tl.load(q_ptr + c, mask=cmask, other=0).to(tl.int32)
-            y = (qj - 4 * prev).to(tl.uint32, bitcast=True)  # y_j = q_j - 4 q_(j-1)
-            acc += (words >> (2 * j)) * y[None, :]
-            prev = qj
+            yj = tl.load(base + 32 * j, mask=cmask, other=0).to(tl.uint32, bitcast=True)
+            acc += (w >> (2 * j)) * yj[None, :]
     s = tl.sum(acc, axis=1).to(tl.int32, bitcast=True)
-    if QUANTIZE:
-        act_sum = tl.sum(total, axis=0)
-    else:
-        act_sum = tl.load(sum_ptr)
-    out = _epilogue(s, act_sum, scale, tl.load(row_scale_ptr + rows, mask=rmask, other=0.0))
+    out = _epilogue(s, tl.load(sum_ptr + t), tl.load(scale_ptr + t),
+                    tl.load(row_scale_ptr + rows, mask=rmask, other=0.0))
+    dst = out_ptr + t * out_stride + rows
     if HAS_RES:
-        out = tl.load(out_ptr + rows, mask=rmask, other=0.0) + out
-    tl.store(out_ptr + rows, out, mask=rmask)
+        out = tl.load(dst, mask=rmask, other=0.0) + out
+    tl.store(dst, out, mask=rmask)
 
 
 @triton.jit
@@ -335,26 +279,18 @@ def _gemm_kernel(q_ptr, scale_ptr, sum_ptr, w_ptr, row_scale_ptr, out_ptr, T, M,
 
 
 # The GEMV is latency-bound unless thousands of warps are in flight: each program takes a few
-# rows whole (up to GEMV_MAX_WORDS words of each: one load wave, no loop for K <= 8192). How many
-# rows and warps is measured once per shape on the GPU (triton.autotune, among GEMV_TILES: words
-# per program, at least GEMV_MAX_WORDS, and warps); the interpreter runs fewer, larger programs
-# faster.
-GEMV_MAX_WORDS = 512
-GEMV_TILES = ((512, 2), (1024, 2), (2048, 4), (2048, 8), (4096, 8))
-INTERPRET_GEMV_WORDS = 1 << 14
+# rows whole (up to 512 words of each: one load wave, no loop for K <= 8192), (words per program,
+# warps) by row length. Measured on an H200 (benchmarks/cuda_tiles.py), 1024 words and 2 warps
+# beat 2048 and 4 by 15-25% on rows of up to 256 words (K <= 4096), not on longer ones. (The
+# interpreter runs fewer, larger programs faster.)
+GEMV_SHORT, GEMV_LONG = (1024, 2), (2048, 4)
 
 
-def _autotuned(kernel, configs, key, **options):
-    """kernel tuned on the GPU among configs (timed once per key, a few ms each); as it is in the
-    interpreter, where the launcher gives the tile itself."""
-    if INTERPRET:
-        return kernel
-    bench = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)  # noqa: E731
-    return triton.autotune(configs, key, do_bench=bench, **options)(kernel)
-
-
-_gemv = _autotuned(_gemv_kernel, [triton.Config({"WORDS": words}, num_warps=warps) for words, warps in GEMV_TILES],
-                   ["M", "KW", "QUANTIZE"], restore_value=["out_ptr"])
+def _gemv_tile(kw: int) -> tuple[int, int, int]:
+    """(rows, words per step, warps) of a program for rows of kw words."""
+    bw = min(triton.next_power_of_2(kw), 512)
+    words, warps = (1 << 14, 4) if INTERPRET else GEMV_SHORT if kw <= 256 else GEMV_LONG
+    return max(1, words // bw), bw, warps
 
 
 def _gemm_tile(t: int) -> tuple[int, int, int]:
@@ -362,45 +298,23 @@ def _gemm_tile(t: int) -> tuple[int, int, int]:
     return (16, 32, 4) if t <= 16 else (32, 64, 4) if t <= 32 else (64, 64, 4) if t < 256 else (128, 64, 8)
 
 
-def _gemv_launch(w: Matrix, out: torch.Tensor | None, accumulate: bool, device, **args) -> torch.Tensor:
-    m, kw = w.shape[0], w.words.shape[1]
-    if out is None:
-        out = torch.empty((1, m), dtype=torch.float32, device=device)
-    bw = min(triton.next_power_of_2(kw), GEMV_MAX_WORDS)
-    tile = {"WORDS": INTERPRET_GEMV_WORDS, "num_warps": 4} if INTERPRET else {}
-    _launch(_gemv, lambda meta: (triton.cdiv(m, meta["WORDS"] // bw),), w_ptr=w.words, row_scale_ptr=w.scale,
-            out_ptr=out, M=m, KW=kw, HAS_RES=accumulate, BW=bw, **args, **tile, pdl=True)
-    return out
-
-
 def linear(act: Activations, w: Matrix, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
     """out [T, M] = the ternary matrix times the activations (out += ... with accumulate).
-    One token: the GEMV; else the int8 tensor-core GEMM."""
+    One token with act.y: the GEMV; else the int8 tensor-core GEMM."""
     t = act.q.shape[0]
-    if t == 1:
-        return _gemv_launch(w, out, accumulate, act.q.device, x_ptr=act.scale, norm_ptr=act.scale, eps=0.0,
-                            q_ptr=act.q, scale_ptr=act.scale, sum_ptr=act.sum, K=w.shape[1],
-                            QUANTIZE=False, HAS_NORM=False, BK=1)
     m, kw = w.shape[0], w.words.shape[1]
     if out is None:
         out = torch.empty((t, m), dtype=torch.float32, device=act.q.device)
-    bt, bn, warps = _gemm_tile(t)
-    _launch(_gemm_kernel, (triton.cdiv(m, bn), triton.cdiv(t, bt)), act.q, act.scale, act.sum, w.words,
-            w.scale, out, t, m, kw, act.q.shape[1], out.stride(0), HAS_RES=accumulate, BT=bt, BN=bn,
-            num_warps=warps, num_stages=2)
+    if t == 1 and act.y is not None:
+        bn, bw, warps = _gemv_tile(kw)
+        _launch(_gemv_kernel, (triton.cdiv(m, bn), 1), act.y, act.scale, act.sum, w.words, w.scale, out,
+                m, kw, act.q.shape[1], out.stride(0), HAS_RES=accumulate, BN=bn, BW=bw, num_warps=warps)
+    else:
+        bt, bn, warps = _gemm_tile(t)
+        _launch(_gemm_kernel, (triton.cdiv(m, bn), triton.cdiv(t, bt)), act.q, act.scale, act.sum, w.words,
+                w.scale, out, t, m, kw, act.q.shape[1], out.stride(0), HAS_RES=accumulate, BT=bt, BN=bn,
+                num_warps=warps, num_stages=2)
     return out
-
-
-def norm_linear(x: torch.Tensor, norm: torch.Tensor | None, eps: float, w: Matrix,
-                out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
-    """linear(quantize(x, norm, eps), w, out, accumulate); one token in one kernel (the GEMV
-    normalizes and quantizes x itself)."""
-    if x.shape[0] != 1:
-        return linear(quantize(x, norm, eps), w, out, accumulate)
-    k = x.shape[1]
-    return _gemv_launch(w, out, accumulate, x.device, x_ptr=x, norm_ptr=x if norm is None else norm, eps=eps,
-                        q_ptr=x, scale_ptr=x, sum_ptr=x, K=k, QUANTIZE=True, HAS_NORM=norm is not None,
-                        BK=triton.next_power_of_2(k))
 
 
 # --------------------------------------------------------------------- RoPE, cache, attention
@@ -408,9 +322,8 @@ def norm_linear(x: torch.Tensor, norm: torch.Tensor | None, eps: float, w: Matri
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, kv_ptr, plane_ptr, cos_ptr, sin_ptr, q_out_ptr,
                        layer, HQ, HKV, D, HALF, NEOX: tl.constexpr, KV_F32: tl.constexpr,
-                       BH: tl.constexpr, BHALF: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+                       BH: tl.constexpr, BHALF: tl.constexpr, BD: tl.constexpr):
     """One token: rotate its q into q_out, its k into the cache, and copy its v there."""
-    _after_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     p = tl.load(pos_ptr + t)
     i = tl.arange(0, BHALF)
@@ -450,9 +363,8 @@ def _rope_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, kv_ptr, plane_ptr, cos_ptr,
 
 @triton.jit
 def _attention_kernel(q_ptr, pos_ptr, kv_ptr, plane_ptr, out_ptr, layer, HQ, HKV, D, scale,
-                      KV_F32: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
+                      KV_F32: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
     """One (token, query head): softmax over cache rows 0..position, online, in float32."""
-    _after_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     g = hq // (HQ // HKV)
@@ -493,7 +405,7 @@ def rope_and_cache(qkv, positions, kv_addr, kv_plane, cos, sin, layer, hq, hkv, 
     half = d // 2
     _launch(_rope_cache_kernel, (t,), qkv, qkv.stride(0), positions, kv_addr, kv_plane, cos, sin, q, layer,
             hq, hkv, d, half, NEOX=neox, KV_F32=kv_f32, BH=triton.next_power_of_2(hq),
-            BHALF=triton.next_power_of_2(half), BD=triton.next_power_of_2(d), num_warps=4, pdl=True)
+            BHALF=triton.next_power_of_2(half), BD=triton.next_power_of_2(d), num_warps=4)
     return q
 
 
@@ -502,7 +414,7 @@ def attention(q, positions, kv_addr, kv_plane, layer, hq, hkv, d, kv_f32):
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(d)  # in double; the kernel takes it as float, as the CPU does
     _launch(_attention_kernel, (t, hq), q, positions, kv_addr, kv_plane, out, layer, hq, hkv, d, scale,
-            KV_F32=kv_f32, BD=triton.next_power_of_2(d), BN=64 if d <= 64 else 32, num_warps=4, pdl=True)
+            KV_F32=kv_f32, BD=triton.next_power_of_2(d), BN=64 if d <= 64 else 32, num_warps=4)
     return out
 
 
@@ -532,7 +444,7 @@ def _head_kernel(h_ptr, w_ptr, out_ptr, R, V, D, BM: tl.constexpr, BN: tl.conste
 
 
 @triton.jit
-def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.constexpr):
     """logits [V] of one hidden state h [D] (float32) and w [V, D] (float16): BN rows per
     program, float32 products and sums, the next step's weights loaded while this one adds."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -540,7 +452,6 @@ def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.cons
     ks = tl.arange(0, BK)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * D
     w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :], other=0.0)
-    _after_previous(PDL)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k in range(0, D, BK):
         cur = w.to(tl.float32)
@@ -551,37 +462,17 @@ def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.cons
     tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
-# The head streams 2 bytes per weight (more than all the ternary matrices of a 2B model), so
-# what counts is bytes in flight per multiprocessor; tiles (rows, columns per step, [stages,]
-# warps) measured once per shape on the GPU.
-HEAD_TILES = ((128, 32, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 3, 8))
-HEAD_GEMV_TILES = ((8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 256, 2), (16, 256, 8))
-_head = _autotuned(_head_kernel, [triton.Config({"BN": bn, "BK": bk}, num_stages=stages, num_warps=warps)
-                                  for bn, bk, stages, warps in HEAD_TILES], ["R", "V", "D"])
-_head_gemv = _autotuned(_head_gemv_kernel, [triton.Config({"BN": bn, "BK": bk}, num_warps=warps)
-                                            for bn, bk, warps in HEAD_GEMV_TILES], ["V", "D"])
-
-
 def head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Logits float32 [R, V] of hidden states h float32 [R, D] and the head w float16 [V, D]:
-    one row streams the head through float32 products, more go through tensor-core dots of h
-    split in two float16 halves."""
+    one row streams the head through float32 products (at the copy bandwidth on an H200), more
+    go through tensor-core dots of h split in two float16 halves."""
     r, d = h.shape
     v = w.shape[0]
     out = torch.empty((r, v), dtype=torch.float32, device=h.device)
     if r == 1:
-        tile = {"BN": 16, "BK": 256, "num_warps": 4} if INTERPRET else {}
-        _launch(_head_gemv, lambda meta: (triton.cdiv(v, meta["BN"]),), h, w, out, v, d, **tile, pdl=True)
+        _launch(_head_gemv_kernel, (triton.cdiv(v, 16),), h, w, out, v, d, BN=16, BK=256, num_warps=4)
         return out
     bm = 16 if r <= 16 else 64
-    tile = {"BN": 128, "BK": 32, "num_warps": 4} if INTERPRET else {}
-    _launch(_head, lambda meta: (triton.cdiv(v, meta["BN"]), triton.cdiv(r, bm)), h, w, out, r, v, d, BM=bm,
-            **tile)
+    _launch(_head_kernel, (triton.cdiv(v, 128), triton.cdiv(r, bm)), h, w, out, r, v, d, BM=bm, BN=128, BK=32,
+            num_warps=4, num_stages=4)
     return out
-
-
-def tuned() -> dict:
-    """The tiles the autotuned kernels chose, per key (for the benchmark's report)."""
-    return {name: {str(key): str(config) for key, config in kernel.cache.items()}
-            for name, kernel in (("gemv", _gemv), ("head", _head), ("head_gemv", _head_gemv))
-            if isinstance(kernel, triton.runtime.Autotuner)}
