@@ -35,7 +35,7 @@ def main():
             out = torch.empty(tokens, m, device="cuda")
             for tile in GEMV_TILES if tokens == 1 else GEMM_TILES[tokens]:
                 if tokens == 1:
-                    K.GEMV_WORDS, K.GEMV_WARPS = tile
+                    K.GEMV_SHORT = K.GEMV_LONG = tile
                 else:
                     K._gemm_tile = lambda t, tile=tile: tile
                 try:

@@ -193,9 +193,11 @@ def test_rope_cache_and_attention_match_the_reference(kv_type, style):
         np.testing.assert_allclose(host(out)[mine], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_head_splits_the_hidden_states_into_two_halves():
-    h = (rng.standard_normal((3, 200)) * 10).astype(np.float32)
-    w = rng.standard_normal((300, 200)).astype(np.float16)
+@pytest.mark.parametrize("rows, d", [(1, 600), (3, 200)])
+def test_head_keeps_the_hidden_states_float32(rows, d):
+    """One row: float32 products; more: tensor-core dots of two float16 halves of h."""
+    h = (rng.standard_normal((rows, d)) * 10).astype(np.float32)
+    w = rng.standard_normal((300, d)).astype(np.float16)
     logits = host(K.head(dev(h), dev(w)))
     expected = h.astype(np.float64) @ w.astype(np.float64).T
     assert relative_error(logits, expected) < 1e-6  # float16 hidden states alone: ~1e-4
@@ -298,13 +300,19 @@ def test_llm_names_a_device_it_cannot_use():
 
 @gpu_only
 def test_cuda_graph_decode_equals_eager_decode(model):
+    """Batch 1, and 3 sequences (the graph of 4: one padding row), bit for bit."""
     config, tensors = model
     graphed, eager = (CudaEngine(config, tensors, cuda_graph=g) for g in (True, False))
-    outs = []
+    ones, threes = [], []
     for engine in (graphed, eager):
         seq = engine.new_sequence()
-        outs.append(np.concatenate([engine.forward([(seq, [t])])[0] for t in TOKENS[:16]]))
-    np.testing.assert_array_equal(outs[0], outs[1])
+        ones.append(np.concatenate([engine.forward([(seq, [t])])[0] for t in TOKENS[:16]]))
+        seqs = [engine.new_sequence() for _ in range(3)]
+        engine.forward([(s, TOKENS[i:i + 5]) for i, s in enumerate(seqs)])
+        threes.append(np.concatenate([np.concatenate(engine.forward([(s, [(t + i) % config.vocab_size]) for i, s in enumerate(seqs)]))
+                                      for t in TOKENS[:8]]))
+    np.testing.assert_array_equal(ones[0], ones[1])
+    np.testing.assert_array_equal(threes[0], threes[1])
 
 
 @gpu_only

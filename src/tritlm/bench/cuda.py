@@ -6,7 +6,8 @@
   and the device time of one captured step alone;
 - pp{n}: prefill tokens/s of an n-token prompt;
 - tg x B: aggregate decode tokens/s of B sequences advancing together (logits of all of them
-  copied to the host every step, as the server needs them);
+  copied to the host every step, as the server needs them), and the device time of one replay
+  of that batch's captured step;
 - gemv: each of a layer's ternary matrices times one token, over all the layers' copies of it
   (so the weights stream from memory, not L2), GB/s of the words read and % of copy bandwidth;
   beside torch's bf16 F.linear of the same shape (random weights, as many copies), the GPU
@@ -17,11 +18,14 @@
   step run without its graph): where the time goes.
 
 Device times come from CUDA graphs replayed between CUDA events (median of the replays), so
-launch gaps do not count.
+launch gaps do not count. The report so far goes to stderr after each stage (a run cut short
+keeps what it measured).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 import numpy as np
@@ -90,8 +94,9 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
     for t in tokens(n_gen):
         engine.forward([(seq, [t])])
     report["tg1_ms"] = (time.perf_counter() - start) / n_gen * 1e3
-    report["tg1_device_ms"] = event_seconds(engine._graph.replay) * 1e3  # (rewrites one position's k, v)
+    report["tg1_device_ms"] = event_seconds(engine._graphs[1][1].replay) * 1e3  # (rewrites one position's k, v)
     report["tg1_roofline"] = engine.decode_bytes / (report["tg1_device_ms"] / 1e3) / 1e9 / bandwidth
+    progress(report)
 
     for p in prompts:
         rates = []
@@ -112,7 +117,10 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
         for _ in range(8):
             engine.forward([(s, tokens(1)) for s in seqs])
         report[f"tg_x{b}_tokens_per_s"] = 8 * b / (time.perf_counter() - start)
+        graph = engine._graphs[1 << (b - 1).bit_length()][1]  # (b rounded up to a power of two)
+        report[f"tg_x{b}_device_ms"] = event_seconds(graph.replay) * 1e3
         del seqs
+    progress(report)
 
     report["kernels"] = {f"x{b}": kernel_breakdown(engine, b) for b in (1, max(batches, default=1))}
     report["gemv"] = gemv_rows(engine, bandwidth)
@@ -121,6 +129,10 @@ def run(path, *, prompts=(512,), n_gen: int = 64, batches=(8, 64, 256), device: 
     linears_ms = sum(g["bf16_us"] for g in report["gemv"]) * config.n_layers / 1e3
     report["bf16_step_ms"] = linears_ms + graph_seconds(lambda: F.linear(x, head)) * 1e3
     return report
+
+
+def progress(report: dict) -> None:
+    print(f"tritlm bench (so far): {json.dumps(report)}", file=sys.stderr, flush=True)
 
 
 def kernel_breakdown(engine: CudaEngine, batch: int, top: int = 10) -> list[dict]:
@@ -176,6 +188,8 @@ def markdown(r: dict) -> str:
              f"({r['bf16_step_ms'] / r['tg1_device_ms']:.2f}x tritlm's whole step) |"]
     lines += [f"| {key.replace('_tokens_per_s', '')} | {value:.0f} tokens/s |" for key, value in r.items()
               if key.endswith("_tokens_per_s")]
+    lines += [f"| {key.replace('_device_ms', '')} device time (one graph replay) | {value:.3f} ms |"
+              for key, value in r.items() if key.startswith("tg_x") and key.endswith("_device_ms")]
     for name, rows in r["kernels"].items():
         lines += ["", f"| kernel (one eager step, {name}) | device us | calls |", "|---|---|---|"]
         lines += [f"| {k['name']} | {k['us']:.0f} | {k['calls']} |" for k in rows]

@@ -8,8 +8,9 @@ head's own rounding to float16 differs from the CPU: none for F16 heads, a few 1
 max|logit| for Q8_0 / Q6_K ones). Each sequence's
 KV cache lives on the device; kernels find it through its address, so a step can mix sequences.
 
-One token of one sequence (batch-1 decode) replays a captured CUDA graph: the whole step is one
-launch, the token, position and cache address read from device memory.
+A decode step (one token from each of B sequences) replays a CUDA graph captured on first use
+for B rounded up to a power of two: the whole step is one launch, each token's id, position and
+cache address read from device memory; padding rows write into a one-position scratch cache.
 
 device="cpu" runs the same kernels in Triton's interpreter (TRITON_INTERPRET=1): slow, for
 tests without a GPU.
@@ -120,7 +121,8 @@ class CudaEngine(Engine):
             self.layers.append(Layer(**norms, **matrices))
         self.cos, self.sin = (floats(t) for t in rope_tables(config))
         self.cuda_graph = cuda_graph and dev.type == "cuda"
-        self._graph = None
+        self._graphs = {}  # batch size: (static inputs, graph, logits)
+        self._padding = None
 
     @property
     def decode_bytes(self) -> int:
@@ -153,7 +155,7 @@ class CudaEngine(Engine):
         rows = [np.arange(b, e) if k == "all" else np.arange(e - 1, e) if k == "last" else np.arange(0)
                 for b, e, k in zip(bounds[:-1], bounds[1:], keep)]
         picked = np.concatenate(rows).astype(np.int64)
-        if self.cuda_graph and meta.shape[1] == 1 and len(picked) == 1 and not hidden:
+        if self.cuda_graph and not hidden and len(picked) == meta.shape[1] == len(parts):
             out = self._replay(meta)
         elif len(picked) == 0:
             self._run(torch.from_numpy(meta).to(self.device), None, hidden)
@@ -190,19 +192,32 @@ class CudaEngine(Engine):
         return h if hidden else K.head(h, self.head)
 
     def _replay(self, meta: np.ndarray) -> np.ndarray:
-        """Batch-1 decode through the captured graph (captured on first use)."""
-        if self._graph is None:
-            self._static = torch.from_numpy(meta).to(self.device)
-            self._rows = torch.zeros(1, dtype=torch.int64, device=self.device)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # compile every kernel before capture (writes this
-                self._run(self._static, self._rows, False)  # token's k and v, as the replay will)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._graph_out = self._run(self._static, self._rows, False)
-            self._graph = graph
-        self._static.copy_(torch.from_numpy(meta))
-        self._graph.replay()
-        return self._graph_out.cpu().numpy()
+        """The logits of a decode step (one token per sequence) through the CUDA graph of its
+        batch size rounded up to a power of two, captured on first use."""
+        n = meta.shape[1]
+        size = 1 << (n - 1).bit_length()
+        if size not in self._graphs:
+            self._graphs[size] = self._capture(size)
+        static, graph, out = self._graphs[size]
+        padded = np.repeat(self._padding, size, axis=1)
+        padded[:, :n] = meta
+        static.copy_(torch.from_numpy(padded))
+        graph.replay()
+        return out[:n].cpu().numpy()
+
+    def _capture(self, size: int) -> tuple:
+        if self._padding is None:  # token 0 at position 0 of a scratch cache
+            scratch = self._scratch = self.new_sequence(n_ctx=1)
+            plane = self.config.n_kv_heads * self.config.head_dim
+            self._padding = np.array([[0], [0], [scratch.kv.data_ptr()], [plane]], np.int64)
+        static = torch.from_numpy(np.repeat(self._padding, size, axis=1)).to(self.device)
+        rows = torch.arange(size, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # compile every kernel before capture
+            self._run(static, rows, False)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._run(static, rows, False)
+        return static, graph, out

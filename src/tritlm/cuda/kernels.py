@@ -279,16 +279,18 @@ def _gemm_kernel(q_ptr, scale_ptr, sum_ptr, w_ptr, row_scale_ptr, out_ptr, T, M,
 
 
 # The GEMV is latency-bound unless thousands of warps are in flight: each program takes a few
-# rows whole (up to 512 words of each: one load wave, no loop for K <= 8192), GEMV_WORDS words
-# in all, so a 2560-column matrix runs in M / 8 programs. (The interpreter runs fewer, larger
-# programs faster.)
-GEMV_WORDS, GEMV_WARPS = (1 << 14, 4) if INTERPRET else (2048, 4)
+# rows whole (up to 512 words of each: one load wave, no loop for K <= 8192), (words per program,
+# warps) by row length. Measured on an H200 (benchmarks/cuda_tiles.py), 1024 words and 2 warps
+# beat 2048 and 4 by 15-25% on rows of up to 256 words (K <= 4096), not on longer ones. (The
+# interpreter runs fewer, larger programs faster.)
+GEMV_SHORT, GEMV_LONG = (1024, 2), (2048, 4)
 
 
-def _gemv_tile(kw: int) -> tuple[int, int]:
-    """(rows, words per step) of a program for rows of kw words."""
+def _gemv_tile(kw: int) -> tuple[int, int, int]:
+    """(rows, words per step, warps) of a program for rows of kw words."""
     bw = min(triton.next_power_of_2(kw), 512)
-    return max(1, GEMV_WORDS // bw), bw
+    words, warps = (1 << 14, 4) if INTERPRET else GEMV_SHORT if kw <= 256 else GEMV_LONG
+    return max(1, words // bw), bw, warps
 
 
 def _gemm_tile(t: int) -> tuple[int, int, int]:
@@ -304,9 +306,9 @@ def linear(act: Activations, w: Matrix, out: torch.Tensor | None = None, accumul
     if out is None:
         out = torch.empty((t, m), dtype=torch.float32, device=act.q.device)
     if t == 1 and act.y is not None:
-        bn, bw = _gemv_tile(kw)
+        bn, bw, warps = _gemv_tile(kw)
         _launch(_gemv_kernel, (triton.cdiv(m, bn), 1), act.y, act.scale, act.sum, w.words, w.scale, out,
-                m, kw, act.q.shape[1], out.stride(0), HAS_RES=accumulate, BN=bn, BW=bw, num_warps=GEMV_WARPS)
+                m, kw, act.q.shape[1], out.stride(0), HAS_RES=accumulate, BN=bn, BW=bw, num_warps=warps)
     else:
         bt, bn, warps = _gemm_tile(t)
         _launch(_gemm_kernel, (triton.cdiv(m, bn), triton.cdiv(t, bt)), act.q, act.scale, act.sum, w.words,
@@ -441,11 +443,35 @@ def _head_kernel(h_ptr, w_ptr, out_ptr, R, V, D, BM: tl.constexpr, BN: tl.conste
              mask=(rows < R)[:, None] & (cols < V)[None, :])
 
 
+@triton.jit
+def _head_gemv_kernel(h_ptr, w_ptr, out_ptr, V, D, BN: tl.constexpr, BK: tl.constexpr):
+    """logits [V] of one hidden state h [D] (float32) and w [V, D] (float16): BN rows per
+    program, float32 products and sums, the next step's weights loaded while this one adds."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < V
+    ks = tl.arange(0, BK)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * D
+    w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :], other=0.0)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k in range(0, D, BK):
+        cur = w.to(tl.float32)
+        x = tl.load(h_ptr + k + ks, mask=k + ks < D, other=0.0)
+        nxt = k + BK + ks
+        w = tl.load(w_rows + nxt[None, :], mask=rmask[:, None] & (nxt < D)[None, :], other=0.0)
+        acc += cur * x[None, :]
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=rmask)
+
+
 def head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Logits float32 [R, V] of hidden states h float32 [R, D] and the head w float16 [V, D]."""
+    """Logits float32 [R, V] of hidden states h float32 [R, D] and the head w float16 [V, D]:
+    one row streams the head through float32 products (at the copy bandwidth on an H200), more
+    go through tensor-core dots of h split in two float16 halves."""
     r, d = h.shape
     v = w.shape[0]
     out = torch.empty((r, v), dtype=torch.float32, device=h.device)
+    if r == 1:
+        _launch(_head_gemv_kernel, (triton.cdiv(v, 16),), h, w, out, v, d, BN=16, BK=256, num_warps=4)
+        return out
     bm = 16 if r <= 16 else 64
     _launch(_head_kernel, (triton.cdiv(v, 128), triton.cdiv(r, bm)), h, w, out, r, v, d, BM=bm, BN=128, BK=32,
             num_warps=4, num_stages=4)
