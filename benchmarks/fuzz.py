@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     groups: dict[tuple, list] = {}  # (kind, outcome, type, where) -> [count, example]
     totals = {}
     start = time.time()
+    print(f"{'kind':<12}" + "".join(f"{o:>11}" for o in fuzzing.OUTCOMES), flush=True)
     try:
         seeds = fuzzing.write_seeds(work)
         mutator = fuzzing.Mutator(seeds, work, areas=tuple(args.areas))
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
                         save(args.failures, len(groups), group[0], x, result, directory)
 
                 totals[kind] = server.fuzz(mutator, kind, n, seed=f"{args.seed}/{kind}", on_result=record)
+                print(f"{kind:<12}" + "".join(f"{totals[kind][o]:>11}" for o in fuzzing.OUTCOMES), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -87,9 +89,6 @@ def main(argv=None) -> int:
     total = sum(sum(c.values()) for c in totals.values())
     print(f"{total} inputs in {seconds:.0f} s ({1000 * seconds / max(total, 1):.1f} ms each), seed {args.seed}, "
           f"areas {' '.join(args.areas)}")
-    print(f"{'kind':<12}" + "".join(f"{o:>11}" for o in fuzzing.OUTCOMES))
-    for kind, counts in totals.items():
-        print(f"{kind:<12}" + "".join(f"{counts[o]:>11}" for o in fuzzing.OUTCOMES))
     if groups:
         print(f"\nfailures by kind, outcome, type and innermost tritlm frame (inputs saved in {args.failures}):")
     for i, ((kind, outcome, type_, frame), (count, example, message)) in enumerate(groups.items(), 1):

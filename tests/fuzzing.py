@@ -523,8 +523,10 @@ class Mutator:
     def replace_file(self, rng, x, names=None):
         """A file deleted, emptied, made a directory or a symlink (inside, outside, dangling,
         to itself)."""
-        name = rng.choice(names or [n for n in x.files if n not in self.TOKENIZER_FILES])
-        others = [n for n in x.files if n != name]
+        if names is None:
+            names = [n for n in x.files if n not in self.TOKENIZER_FILES]
+        name = rng.choice([n for n in names if n in x.files] or list(x.files))
+        others = [n for n in x.files if n != name] or ["nowhere"]
         choices = {"deleted": None, "emptied": b"", "a directory": DIRECTORY,
                    "a symlink to /etc/passwd": Symlink("/etc/passwd"),
                    "a symlink out of the directory": Symlink(os.path.join(self.decoys, name if name in (
