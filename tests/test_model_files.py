@@ -227,6 +227,9 @@ HF_CASES = [
     ("tokenizer.json", lambda t: [t], "tokenizer.json must be a mapping"),
     ("tokenizer.json", put("model", "merges", 5), "tokenizer.json: not a tokenizer"),
     ("tokenizer.json", put("model", "vocab", "<|begin_of_text|>", 319), "tokenizer.json: model.vocab"),
+    # ids the tokenizers library takes, then aborts the process on when encoding (the fuzzer's find)
+    ("tokenizer.json", put("model", "vocab", "<|begin_of_text|>", 2**32 - 1), "token ids up to 4294967295"),
+    ("tokenizer.json", put("model", "vocab", "<|begin_of_text|>", 2**31), "token ids up to 2147483648"),
     ("tokenizer.json", put("added_tokens", 0, "content", "<|new|>"), "tokenizer.json: token ids up to 320"),
     ("tokenizer.json", b"\xff{}", "tokenizer.json: not UTF-8"),
     ("tokenizer_config.json", lambda c: [c], "tokenizer_config.json must be a mapping"),

@@ -349,6 +349,15 @@ class Tokenizer:
             if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
                 raise
             raise ValueError(f"{path}: not a tokenizer the tokenizers library can read ({e})") from None
+        # ids are checked before anything is encoded: the library aborts the process on some
+        # ids beyond its vocabulary's size
+        ids = hf.get_vocab(with_added_tokens=False).values()
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: model.vocab gives two tokens the same id")
+        n = max([hf.get_vocab_size(with_added_tokens=True), *(i + 1 for i in hf.get_vocab(with_added_tokens=True).values())])
+        if n > vocab_size:
+            raise ValueError(f"{path}: token ids up to {n - 1}, beyond the model's vocabulary "
+                             f"of {vocab_size}")
 
         cfg, smap, gen = (_read_json(d, name) for name in (
             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"))
@@ -395,15 +404,7 @@ class Tokenizer:
                              f"{(dec or {}).get('type')!r}; tritlm decodes byte-level BPE and "
                              "SentencePiece-style vocabularies")
 
-        ids = hf.get_vocab(with_added_tokens=False).values()
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{path}: model.vocab gives two tokens the same id")
-        n = hf.get_vocab_size(with_added_tokens=True)
         added = hf.get_added_tokens_decoder()
-        n = max(n, max(added, default=-1) + 1)
-        if n > vocab_size:
-            raise ValueError(f"{path}: token ids up to {n - 1}, beyond the model's vocabulary "
-                             f"of {vocab_size}")
         tokens = [hf.id_to_token(i) for i in range(n)]
         byte_fallback = bool(spec.get("model", {}).get("byte_fallback"))
 
