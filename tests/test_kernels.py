@@ -86,6 +86,23 @@ def test_gemm_model_shapes(isa, rng, m, tokens):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["tiles", "tiles5"])
+@pytest.mark.parametrize("tokens", [2, 3, 9, 23])
+def test_gemm_many_tiles_per_thread(isa, rng, layout, tokens):
+    """One thread's 71 row tiles (the last one short of rows), more than a kernel takes in one
+    group, and token counts that split into uneven blocks."""
+    m, k = 16 * 70 + 5, 1280
+    ternary = random_ternary(rng, m, k)
+    matrix = kernels.TernaryMatrix(ternary, rng.uniform(0.5, 2, m).astype(np.float32), layout)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    acts = kernels.quantize_activations(x, isa=isa)
+    q, act_scale, row_sum = quant.quantize_activations(x)
+    np.testing.assert_array_equal(matrix.code_sums(acts, isa=isa, n_threads=1), quant.code_sums(ternary, q))
+    np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=1),
+                                  quant.ternary_matmul(ternary, matrix.scale, q, act_scale, row_sum))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["tiles", "tiles5"])
 @pytest.mark.parametrize("code,value", [(2, 127), (2, -128), (0, -128), (1, 127)])
 def test_gemm_largest_sums_are_exact(isa, layout, code, value):
     k, m = 16384, 5
