@@ -227,6 +227,8 @@ HF_CASES = [
     ("tokenizer.json", lambda t: [t], "tokenizer.json must be a mapping"),
     ("tokenizer.json", put("model", "merges", 5), "tokenizer.json: not a tokenizer"),
     ("tokenizer.json", put("model", "vocab", "<|begin_of_text|>", 319), "tokenizer.json: model.vocab"),
+    # a model the library builds but cannot encode with (the fuzzer's find)
+    ("tokenizer.json", lambda t: t | {"model": {"vocab": []}}, "the tokenizer cannot encode text"),
     # ids the tokenizers library takes, then aborts the process on when encoding (the fuzzer's find)
     ("tokenizer.json", put("model", "vocab", "<|begin_of_text|>", 2**32 - 1), "token ids up to 4294967295"),
     ("tokenizer.json", put("model", "vocab", "<|begin_of_text|>", 2**31), "token ids up to 2147483648"),

@@ -376,7 +376,10 @@ class Tokenizer:
         bos_id, eos_id = special_id("bos_token"), special_id("eos_token")
 
         # the BOS/EOS the model adds: tokenizer_config's flags, else what the post-processor does
-        probe = hf.encode("a", add_special_tokens=True).ids
+        try:
+            probe = hf.encode("a", add_special_tokens=True).ids
+        except Exception as e:  # the library reports a broken model (no unknown token...) so
+            raise ValueError(f"{path}: the tokenizer cannot encode text ({e})") from None
         in_cfg = f"{d / 'tokenizer_config.json'}: "
         add_bos = _value(cfg, "add_bos_token", bool, where=in_cfg)
         if add_bos is None:
@@ -453,7 +456,10 @@ class Tokenizer:
                 self._hf_plain = plain
             hf = self._hf_plain
         # encode_batch lets go of the GIL (encode holds it): a long text doesn't stall other threads
-        ids = hf.encode_batch([text], add_special_tokens=False)[0].ids
+        try:
+            ids = hf.encode_batch([text], add_special_tokens=False)[0].ids
+        except Exception as e:  # (the library raises a bare Exception for text its model can't take)
+            raise ValueError(f"the tokenizer cannot encode this text: {e}") from None
         bos = self._marker(add_bos, self._add_bos, self._bos, "BOS")
         eos = self._marker(add_eos, self._add_eos, self._eos, "EOS")
         return bos + ids + eos
