@@ -84,6 +84,19 @@ def tritlm_worker(path: str, prompts, n_gen: int, threads, repeats: int, seed: i
                      "isa": isa, "peak_rss_mb": peak_rss_mb()}
 
 
+def main(name: str, args, workers: dict, compare, markdown) -> int:
+    """A side-by-side script's entry: a worker subprocess's job, or the whole comparison printed."""
+    if args.worker:
+        return run_worker(workers, args)
+    try:
+        report = compare(args)
+    except WorkerError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=1) if args.json else markdown(report))
+    return 0
+
+
 def run_worker(workers: dict, args) -> int:
     """One side's measurements, or why there are none, as JSON in the --result file."""
     try:

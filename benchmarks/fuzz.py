@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import fuzzing  # noqa: E402

@@ -202,16 +202,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        return _peers.run_worker(WORKERS, args)
-    try:
-        report = compare(args)
-    except _peers.WorkerError as e:
-        print(f"vs_bitnet_cpp: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=1) if args.json else markdown(report))
-    return 0
+    return _peers.main("vs_bitnet_cpp", parse_args(argv), WORKERS, compare, markdown)
 
 
 if __name__ == "__main__":

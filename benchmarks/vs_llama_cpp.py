@@ -27,7 +27,6 @@ The script never touches the network; every subprocess has a time limit (--timeo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -192,16 +191,7 @@ def compare(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        return _peers.run_worker(WORKERS, args)
-    try:
-        report = compare(args)
-    except _peers.WorkerError as e:
-        print(f"vs_llama_cpp: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=1) if args.json else markdown(report))
-    return 0
+    return _peers.main("vs_llama_cpp", parse_args(argv), WORKERS, compare, markdown)
 
 
 if __name__ == "__main__":

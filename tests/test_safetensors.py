@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 import safetensors.numpy
-from fuzzing import safetensors_bytes, write_hf
+from fuzzing import write_hf
 
 from tritlm import LLM
 from tritlm.formats.gguf import GGUFFile
