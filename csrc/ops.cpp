@@ -671,6 +671,7 @@ struct HeadArgs {
   const int8_t* xh;   // [T, D]
   const uint8_t* xl;  // [T, D]
   const float* xsum;  // [T, D / 16]
+  const int16_t* xeo;  // [T, D]: xq with each 32 reordered, the even elements then the odd (Q6_K, AVX2)
   const float* dx;    // [T]
   int64_t T, D;
   const uint8_t* w;  // [vocab] rows of row_bytes
@@ -779,10 +780,96 @@ void head_block_int(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, i
     for (int r = 0; r < NR; ++r) h.out[(t0 + t) * h.vocab + r0 + r] = V::sum(acc[t][r]) * h.dx[t0 + t];
 }
 
+#ifdef TRITLM_X86
+// Q6_K on AVX2: the integer sums of head_block_int, lane for lane, without its byte products (two
+// vpmaddubsw for x's high and low bytes, two vpmaddwd to widen, per 32 codes) and without 16-bit
+// shifts (one port on Zen 1-2): codes go straight to 16-bit lanes, even and odd elements apart,
+// against x reordered the same way once per token (HeadArgs::xeo), so two vpmaddwd give each
+// 32-bit lane its 4 consecutive products. A qh nibble (two quarters' 2-bit codes) becomes code
+// bits 4-5 through a vpshufb lookup.
+// Quarter q's codes (elements 32q .. 32q + 31 of a half) as 16-bit lanes: code[q][0] the even
+// elements, code[q][1] the odd ones.
+struct Q6kHalf { __m256i code[4][2]; };
+
+TRITLM_AVX2 inline Q6kHalf q6k_decode_half(const uint8_t* block, int half) {
+  const __m256i nibble = _mm256_set1_epi8(0x0f), low_byte = _mm256_set1_epi16(0x00ff);
+  const __m256i first = _mm256_setr_epi8(0, 16, 32, 48, 0, 16, 32, 48, 0, 16, 32, 48, 0, 16, 32, 48,  //
+                                         0, 16, 32, 48, 0, 16, 32, 48, 0, 16, 32, 48, 0, 16, 32, 48);
+  const __m256i second = _mm256_setr_epi8(0, 0, 0, 0, 16, 16, 16, 16, 32, 32, 32, 32, 48, 48, 48, 48,  //
+                                          0, 0, 0, 0, 16, 16, 16, 16, 32, 32, 32, 32, 48, 48, 48, 48);
+  const __m256i odd = _mm256_setr_epi8(1, -1, 3, -1, 5, -1, 7, -1, 9, -1, 11, -1, 13, -1, 15, -1,  // byte 2k + 1
+                                       1, -1, 3, -1, 5, -1, 7, -1, 9, -1, 11, -1, 13, -1, 15, -1);  // to lane k
+  const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * half));
+  const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * half + 32));
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * half));
+  const __m256i qh_low = _mm256_and_si256(qh, nibble), qh_high = _mm256_and_si256(_mm256_srli_epi16(qh, 4), nibble);
+  const __m256i bytes[4] = {
+      _mm256_or_si256(_mm256_and_si256(ql0, nibble), _mm256_shuffle_epi8(first, qh_low)),
+      _mm256_or_si256(_mm256_and_si256(ql1, nibble), _mm256_shuffle_epi8(second, qh_low)),
+      _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), nibble), _mm256_shuffle_epi8(first, qh_high)),
+      _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), nibble), _mm256_shuffle_epi8(second, qh_high))};
+  Q6kHalf h;
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) h.code[q][0] = _mm256_and_si256(bytes[q], low_byte), h.code[q][1] = _mm256_shuffle_epi8(bytes[q], odd);
+  return h;
+}
+
+// The 16 lanes of 4-element sums of quarters q, q + 1 against x (xeo order).
+TRITLM_AVX2 inline Avx2::R q6k_sums(const Q6kHalf& h, int q, const int16_t* x) {
+  const __m256i* v = reinterpret_cast<const __m256i*>(x);
+  const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(h.code[q][0], _mm256_loadu_si256(v)),
+                                      _mm256_madd_epi16(h.code[q][1], _mm256_loadu_si256(v + 1)));
+  const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(h.code[q + 1][0], _mm256_loadu_si256(v + 2)),
+                                      _mm256_madd_epi16(h.code[q + 1][1], _mm256_loadu_si256(v + 3)));
+  return {_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi)};
+}
+
+template <int NR, int NT>
+TRITLM_AVX2 void head_block_q6k_avx2(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0,
+                                     int64_t t0, const uint8_t* ahead, int64_t) {
+  using V = Avx2;
+  const int64_t D = h.D, blocks = D / 256;
+  const int16_t* xeo = h.xeo + t0 * D;
+  for (int r = 0; r < NR; ++r) {  // a row at a time: NT accumulators stay in registers
+    const uint8_t* row = rows + r * row_bytes;
+    Avx2::R acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = V::zero();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = row + b * RowQ6_K::kBytes;
+      if (ahead)  // the same block NR rows on, into L1
+        for (int o = 0; o < RowQ6_K::kBytes; o += 64) __builtin_prefetch(block + NR * row_bytes + o, 0, 3);
+      uint16_t d;
+      std::memcpy(&d, block + 208, 2);
+      const Avx2::R scales = V::mul(V::set1(_cvtsh_ss(d)), V::load_i8(reinterpret_cast<const int8_t*>(block + 192)));
+      alignas(32) float scale[16];
+      V::store(scale, scales);
+      __asm__ volatile("" ::: "memory");  // spread4 loads the scales: no lane shuffles out of registers
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half) {
+        const Q6kHalf codes = q6k_decode_half(block, half);
+        const Avx2::R s0 = V::spread4(scale + 8 * half), s1 = V::spread4(scale + 8 * half + 4);
+        for (int t = 0; t < NT; ++t) {  // elements 128 half + 64c .. + 63: quarters 2c, 2c + 1
+          const int16_t* x = xeo + t * D + b * 256 + 128 * half;
+          acc[t] = V::fma(s0, q6k_sums(codes, 0, x), acc[t]);
+          acc[t] = V::fma(s1, q6k_sums(codes, 2, x + 64), acc[t]);
+        }
+      }
+      for (int t = 0; t < NT; ++t)  // the codes' offset, as head_block_int applies it
+        acc[t] = V::fma(scales, V::load(h.xsum + ((t0 + t) * D + b * 256) / 16), acc[t]);
+    }
+    for (int t = 0; t < NT; ++t) h.out[(t0 + t) * h.vocab + r0 + r] = V::sum(acc[t]) * h.dx[t0 + t];
+  }
+}
+#endif
+
 // NR rows x NT tokens: in float for F32 / F16 rows, in integers for the quantized ones.
 template <class V, class Row, int NR, int NT>
 void head_rows_tokens(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0, int64_t t0,
                       const uint8_t* ahead, int64_t ahead_bytes) {
+#ifdef TRITLM_X86
+  if constexpr (std::is_same_v<V, Avx2> && std::is_same_v<Row, RowQ6_K>)
+    return head_block_q6k_avx2<NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+#endif
   if constexpr (Row::kBlock > 16) head_block_int<V, Row, NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
   else head_block<V, Row, NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
 }
@@ -1053,6 +1140,7 @@ void head_matmul(Isa isa, const float* x, int64_t T, int64_t D, const uint8_t* w
   std::vector<int16_t> xq;
   std::vector<int8_t> xh;
   std::vector<uint8_t> xl;
+  std::vector<int16_t> xeo;
   std::vector<float> dx, xsum;
   if (block_elements(type) > 1) {
     xq.resize(size_t(T * D));
@@ -1068,8 +1156,10 @@ void head_matmul(Isa isa, const float* x, int64_t T, int64_t D, const uint8_t* w
       xl[i] = uint8_t(xq[i] & 255);
       xsum[i / 16] -= 32.0f * float(xq[i]);  // exact: |sum| < 2^24
     }
+    xeo.resize(xq.size());
+    for (size_t i = 0; i < xq.size(); ++i) xeo[i / 32 * 32 + i % 2 * 16 + i % 32 / 2] = xq[i];
   }
-  const HeadArgs h{x, xq.data(), xh.data(), xl.data(), xsum.data(), dx.data(), T, D, w, V,
+  const HeadArgs h{x, xq.data(), xh.data(), xl.data(), xsum.data(), xeo.data(), dx.data(), T, D, w, V,
                    D / block_elements(type) * block_bytes(type), type, out};
   const OpTable& ops = ops_for(isa);
   constexpr int64_t kUnit = 16;  // rows per unit of work: slices hold whole 4-row blocks

@@ -104,11 +104,12 @@ def test_gemm_many_tiles_per_thread(isa, rng, layout, tokens):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["tiles", "tiles5"])
 @pytest.mark.parametrize("code,value", [(2, 127), (2, -128), (0, -128), (1, 127)])
-def test_gemm_largest_sums_are_exact(isa, layout, code, value):
+@pytest.mark.parametrize("tokens", [1, 3])  # the decode kernel and the GEMM
+def test_gemm_largest_sums_are_exact(isa, layout, code, value, tokens):
     k, m = 16384, 5
     ternary = np.full((m, k), code - 1, np.int8)
-    q = np.full((3, k), value, np.int8)
-    acts = kernels.Activations(q, np.ones(3, np.float32), q.sum(axis=1, dtype=np.int32))
+    q = np.full((tokens, k), value, np.int8)
+    acts = kernels.Activations(q, np.ones(tokens, np.float32), q.sum(axis=1, dtype=np.int32))
     matrix = kernels.TernaryMatrix(ternary, 1.0, layout)
     sums = matrix.code_sums(acts, isa=isa)
     np.testing.assert_array_equal(sums, quant.code_sums(ternary, q))
