@@ -8,6 +8,8 @@
 #include <thread>
 #include <vector>
 
+#include <time.h>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 static inline void cpu_relax() { _mm_pause(); }
@@ -34,6 +36,15 @@ static void futex_wake(std::atomic<int>*) {}
 namespace tritlm {
 namespace {
 
+// CPU time this thread has had (wall time where the OS cannot say).
+double thread_cpu_seconds() {
+#if defined(__linux__)
+  timespec t;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t) == 0) return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+#endif
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 constexpr auto kSpin = std::chrono::microseconds(2000);  // a worker's wait for the next call, then sleep
 constexpr int kCallerSpins = 2000;  // ~20-50 us of pauses before the caller sleeps on a late piece
 
@@ -41,11 +52,28 @@ constexpr int kCallerSpins = 2000;  // ~20-50 us of pauses before the caller sle
 // piece (16). A claim is a compare-exchange of that word, so a worker that wakes late, after
 // its call has returned, finds the generation moved on or nothing left, and never touches the
 // finished call's context.
+// Under contention (another process on a core) the threads share the cores that are left, and a
+// worker descheduled mid-piece holds up the caller; the caller alone, with a core to itself, can
+// then be faster. So each call estimates its speedup over the caller alone: all pieces at the
+// CPU time the caller's own pieces took, against the wall time. When a window of calls falls
+// short of kWorthIt, the pool runs on the caller alone for kBackoffCalls calls, then tries its
+// threads again.
+constexpr int kWindowCalls = 64;
+constexpr double kWorthIt = 1.15;
+constexpr int kBackoffCalls = 2000;  // a few decode steps
+
 class Pool {
  public:
   void run(int n_threads, int pieces, TaskFn fn, void* ctx) {
     std::lock_guard<std::mutex> caller(call_mutex_);
+    if (backoff_ > 0) {
+      --backoff_;
+      for (int i = 0; i < pieces; ++i) fn(ctx, i);
+      return;
+    }
     while (int(workers_.size()) < n_threads - 1) start_worker();
+    const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = thread_cpu_seconds();
     fn_ = fn;
     ctx_ = ctx;
     done_.store(0, std::memory_order_relaxed);
@@ -55,8 +83,10 @@ class Pool {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
       wake_.notify_all();
     }
-    claim_pieces();
+    const int own = claim_pieces();
+    const double own_cpu = thread_cpu_seconds() - cpu_start;
     wait_for(pieces);
+    judge(own, pieces, own_cpu, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
 
  private:
@@ -65,18 +95,31 @@ class Pool {
     std::thread thread;
   };
 
-  void claim_pieces() {
+  // Runs unclaimed pieces until none is left; returns how many this thread ran.
+  int claim_pieces() {
+    int ran = 0;
     uint64_t w = work_.load(std::memory_order_acquire);
     for (;;) {
       const uint64_t next = w & 0xffff, pieces = w >> 16 & 0xffff;
-      if (next >= pieces) return;
+      if (next >= pieces) return ran;
       if (work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
         fn_(ctx_, int(next));
         done_.fetch_add(1, std::memory_order_seq_cst);
         if (caller_asleep_.load(std::memory_order_seq_cst)) futex_wake(&done_);
         ++w;
+        ++ran;
       }
     }
+  }
+
+  // The caller ran `own` of `pieces` in `own_cpu` seconds of CPU; the call took `wall` seconds.
+  void judge(int own, int pieces, double own_cpu, double wall) {
+    if (own == 0) return;  // the workers took every piece: no rate to go by
+    alone_ += own_cpu * pieces / own;
+    wall_ += wall;
+    if (++calls_ < kWindowCalls) return;
+    if (alone_ < kWorthIt * wall_) backoff_ = kBackoffCalls;
+    calls_ = 0, alone_ = wall_ = 0.0;
   }
 
   // Every piece is claimed; wait for those still running elsewhere. A worker that the OS
@@ -122,7 +165,9 @@ class Pool {
   std::vector<std::unique_ptr<Worker>> workers_;
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
-  uint64_t generation_ = 0;  // the caller's alone
+  uint64_t generation_ = 0;  // the caller's alone, as are the speedup tallies:
+  int calls_ = 0, backoff_ = 0;
+  double alone_ = 0.0, wall_ = 0.0;
   alignas(64) std::atomic<uint64_t> work_{0};
   alignas(64) std::atomic<int> done_{0};  // pieces finished in this call
   std::atomic<bool> caller_asleep_{false};
