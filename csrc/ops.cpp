@@ -42,26 +42,8 @@
 namespace tritlm {
 namespace ops {
 
-namespace {
-inline float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-}  // namespace
-
-float half_to_float(uint16_t h) {
-#if defined(__aarch64__)
-  __fp16 f;  // one fcvt, and loops of them vectorize
-  std::memcpy(&f, &h, 2);
-  return float(f);
-#else
-  // Branch-free so that loops over it vectorize: move exponent and mantissa into place and
-  // rebias 15 -> 127; infinity and NaN need the exponent at 255, and a subnormal m * 2^-24 is
-  // made as 2^-14 * (1 + m/1024) - 2^-14, which is exact.
-  const uint32_t em = uint32_t(h & 0x7fff) << 13, exp = em & 0x0f800000;
-  const uint32_t bits = em + 0x38000000 + (exp == 0x0f800000 ? 0x38000000 : 0) + (exp == 0 ? 0x00800000 : 0);
-  const float f = exp == 0 ? as_float(bits) - 0x1p-14f : as_float(bits);
-  return as_float(as_bits(f) | uint32_t(h & 0x8000) << 16);
-#endif
-}
+using detail::as_bits;
+using detail::as_float;
 
 uint16_t float_to_half(float f) {
 #if defined(__aarch64__)
@@ -106,6 +88,7 @@ struct Portable {
     return map([&](int i) { return half_to_float(h[i]); });
   }
   static R load_i8(const int8_t* p) { return map([&](int i) { return float(p[i]); }); }
+  static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); }
   // 32 int8 as int16, and lane i = x[2i] q[2i] + x[2i+1] q[2i+1] of 32 int16 x: exact (< 2^24)
   struct W { int16_t v[32]; };
   static W widen_i8(const int8_t* q) { W w; for (int i = 0; i < 32; ++i) w.v[i] = q[i]; return w; }
@@ -177,6 +160,7 @@ struct Avx512 {
   TRITLM_AVX512 static R load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  TRITLM_AVX512 static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
   TRITLM_AVX512 static R load_i8(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
@@ -237,6 +221,7 @@ struct Avx2 {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
   }
+  TRITLM_AVX2 static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
   TRITLM_AVX2 static R load_i8(const int8_t* p) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
@@ -613,7 +598,7 @@ struct RowQ8_0 {
     const int8_t* q;
     float d;
     template <class V> void decode(const uint8_t* b) {
-      d = RowF16::at(b, 0);
+      d = V::half(b);
       q = reinterpret_cast<const int8_t*>(b + 2);
     }
     template <class V> Vec<V> chunk(int c) const { return V::mul(V::load_i8(q + 16 * c), V::set1(d)); }
@@ -644,7 +629,7 @@ struct RowQ6_K {
                                (lo0 >> 4 & 0x0f0f) | (qh & 0x3030), (lo1 >> 4 & 0x0f0f) | (qh >> 2 & 0x3030)};
         std::memcpy(u + 128 * h, out, 128);
       }
-      V::store(scale, V::mul(V::set1(RowF16::at(b + 208, 0)), V::load_i8(reinterpret_cast<const int8_t*>(b + 192))));
+      V::store(scale, V::mul(V::set1(V::half(b + 208)), V::load_i8(reinterpret_cast<const int8_t*>(b + 192))));
     }
     template <class V> Vec<V> chunk(int c) const {
       return V::mul(V::set1(scale[c]), V::sub(V::load_i8(reinterpret_cast<const int8_t*>(u + 16 * c)), V::set1(32.0f)));
@@ -838,9 +823,7 @@ TRITLM_AVX2 void head_block_q6k_avx2(const HeadArgs& h, const uint8_t* rows, int
       const uint8_t* block = row + b * RowQ6_K::kBytes;
       if (ahead)  // the same block NR rows on, into L1
         for (int o = 0; o < RowQ6_K::kBytes; o += 64) __builtin_prefetch(block + NR * row_bytes + o, 0, 3);
-      uint16_t d;
-      std::memcpy(&d, block + 208, 2);
-      const Avx2::R scales = V::mul(V::set1(_cvtsh_ss(d)), V::load_i8(reinterpret_cast<const int8_t*>(block + 192)));
+      const Avx2::R scales = V::mul(V::set1(V::half(block + 208)), V::load_i8(reinterpret_cast<const int8_t*>(block + 192)));
       alignas(32) float scale[16];
       V::store(scale, scales);
       __asm__ volatile("" ::: "memory");  // spread4 loads the scales: no lane shuffles out of registers

@@ -3,6 +3,7 @@
 // (ops_bindings.cpp) have checked every shape, type and bound before a call.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace tritlm {
@@ -21,7 +22,26 @@ int64_t block_elements(WeightType type);  // 1, 1, 32, 256: a row's length must 
 int64_t block_bytes(WeightType type);     // 4, 2, 34, 210
 
 // IEEE half <-> float; float_to_half rounds to nearest even, as F16C and NumPy do.
-float half_to_float(uint16_t h);
+namespace detail {
+inline float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+}  // namespace detail
+
+inline float half_to_float(uint16_t h) {
+#if defined(__aarch64__)
+  __fp16 f;  // one fcvt, and loops of them vectorize
+  std::memcpy(&f, &h, 2);
+  return float(f);
+#else
+  // Branch-free so that loops over it vectorize: move exponent and mantissa into place and
+  // rebias 15 -> 127; infinity and NaN need the exponent at 255, and a subnormal m * 2^-24 is
+  // made as 2^-14 * (1 + m/1024) - 2^-14, which is exact.
+  const uint32_t em = uint32_t(h & 0x7fff) << 13, exp = em & 0x0f800000;
+  const uint32_t bits = em + 0x38000000 + (exp == 0x0f800000 ? 0x38000000 : 0) + (exp == 0 ? 0x00800000 : 0);
+  const float f = exp == 0 ? detail::as_float(bits) - 0x1p-14f : detail::as_float(bits);
+  return detail::as_float(detail::as_bits(f) | uint32_t(h & 0x8000) << 16);
+#endif
+}
 uint16_t float_to_half(float f);
 
 // out[t] = x[t] * (float)(1 / sqrt(mean(x[t]^2) + eps)) * weight, the mean in double.
