@@ -772,6 +772,7 @@ void head_block_int(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, i
 // against x reordered the same way once per token (HeadArgs::xeo), so two vpmaddwd give each
 // 32-bit lane its 4 consecutive products. A qh nibble (two quarters' 2-bit codes) becomes code
 // bits 4-5 through a vpshufb lookup.
+//
 // Quarter q's codes (elements 32q .. 32q + 31 of a half) as 16-bit lanes: code[q][0] the even
 // elements, code[q][1] the odd ones.
 struct Q6kHalf { __m256i code[4][2]; };
