@@ -14,6 +14,7 @@ from .generation import TextStream
 from .models import loader
 from .runtime import Engine
 from .sampling import Sampler, SamplingParams
+from .speculative import LookupProposer
 from .tokenizer import Tokenizer
 
 
@@ -117,13 +118,21 @@ class LLM:
     # --------------------------------------------------------------------------- generation
 
     def stream(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
-               **sampling) -> Iterator[str]:
-        """The completion of `prompt` (text, or token ids), piece by piece as it is generated."""
-        yield from self._pieces(prompt, max_tokens, stop, SamplingParams(**sampling))
+               speculative: str | None = None, **sampling) -> Iterator[str]:
+        """The completion of `prompt` (text, or token ids), piece by piece as it is generated.
+
+        speculative="lookup": prompt-lookup speculative decoding (`tritlm.speculative`): each
+        step also checks guesses copied from earlier in the prompt and output, keeping those the
+        model agrees with; the text is the same, token for token, faster where the output repeats
+        its input. Greedy decoding only (temperature=0): with sampling it falls back to plain
+        decoding. `timings` then counts the "proposed_tokens" and "accepted_tokens"."""
+        yield from self._pieces(prompt, max_tokens, stop, SamplingParams(**sampling), speculative=speculative)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256,
-                 stop: list[str] | None = None, **sampling) -> str:
-        return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, **sampling))
+                 stop: list[str] | None = None, speculative: str | None = None, **sampling) -> str:
+        """The completion of `prompt`, whole; arguments as `stream`'s."""
+        return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, speculative=speculative,
+                                   **sampling))
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):  # a chat prompt may carry its own BOS already
@@ -141,33 +150,67 @@ class LLM:
         return ids
 
     def _pieces(self, prompt, max_tokens: int, stop, params: SamplingParams,
-                stream: TextStream | None = None) -> Iterator[str]:
+                stream: TextStream | None = None, speculative: str | None = None) -> Iterator[str]:
+        if speculative not in (None, "lookup"):
+            raise ValueError(f"speculative must be None or 'lookup', got {speculative!r}")
         ids = self._prompt_ids(prompt)
         stream = stream or TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
         sampler = Sampler(params)
+        proposer = LookupProposer() if speculative and params.temperature == 0 else None
         start = time.perf_counter()
         logits = self._prefill(ids)
         self.timings = {"prompt_tokens": len(ids), "prefill_tokens": self._last_fed,
                         "prefill_seconds": time.perf_counter() - start, "generated_tokens": 0,
                         "decode_seconds": 0.0}
         start = time.perf_counter()
-        context = list(ids)
-        while True:
-            token = sampler(logits, context)
-            context.append(token)
+        for token in self._tokens(logits, list(ids), sampler, proposer, stream.max_tokens):
             self.timings["generated_tokens"] += 1
             self.timings["decode_seconds"] = time.perf_counter() - start
+            if proposer:
+                self.timings |= {"proposed_tokens": proposer.proposed, "accepted_tokens": proposer.accepted}
             text = stream.push(token)
             if text:
                 yield text
             if stream.finish_reason:
                 return stream
-            if self._sequence.position >= self.n_ctx:
-                text = stream.finish("length")
-                if text:
-                    yield text
-                return stream
-            logits = self._feed([token])
+        text = stream.finish("length")  # the context is full
+        if text:
+            yield text
+        return stream
+
+    def _tokens(self, logits: np.ndarray, context: list[int], sampler: Sampler,
+                proposer: LookupProposer | None, max_tokens: int) -> Iterator[int]:
+        """Tokens generated after `context` (whose last token's logits are `logits`) until the
+        context is full; `context` grows as they come. With a proposer, each step feeds the last
+        token and the proposer's guesses, and keeps the guesses that equal the tokens the sampler
+        (greedy) chooses after the ones before them; the cache then forgets the rest, and the
+        logits after the last one kept give the next token."""
+        token = sampler(logits, context)
+        generated = 0
+        while True:
+            context.append(token)
+            generated += 1
+            yield token
+            room = self.n_ctx - self._sequence.position - 1  # guesses that fit after the token
+            if room < 0:
+                return
+            guesses = proposer.propose(context, min(room, max_tokens - generated - 1)) if proposer else []
+            rows = self._feed([token] + guesses, all_logits=True)  # [1 + guesses, vocab]
+            n = len(context)
+            for row, guess in zip(rows, guesses):
+                token = sampler(row, context)
+                if token != guess:
+                    break
+                context.append(token)
+            else:
+                token = sampler(rows[-1], context)
+            accepted = context[n:]
+            if guesses:
+                proposer.record(len(guesses), len(accepted))
+                self._rewind(len(guesses) - len(accepted))
+            for t in accepted:
+                generated += 1
+                yield t
 
     def _prefill(self, ids: list[int]) -> np.ndarray:
         """Logits after `ids`, reusing the longest prefix already in the cache."""
@@ -180,11 +223,18 @@ class LLM:
         del self._cached[common:]
         return self._feed(ids[common:])
 
-    def _feed(self, ids: list[int]) -> np.ndarray:
-        logits = self.engine.forward([(self._sequence, ids)])[0][-1]
+    def _feed(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        """The logits after the last of `ids` ([vocab]), or after each ([len(ids), vocab])."""
+        logits = self.engine.forward([(self._sequence, ids)], all_logits=all_logits)[0]
         self._cached.extend(ids)
         self._last_fed = len(ids)
-        return logits
+        return logits if all_logits else logits[-1]
+
+    def _rewind(self, n: int) -> None:
+        """Forget the last n tokens fed (rejected guesses)."""
+        if n:
+            self._sequence.truncate(self._sequence.position - n)
+            del self._cached[-n:]
 
     # ---------------------------------------------------------------- OpenAI-shaped results
 
@@ -193,11 +243,12 @@ class LLM:
                           min_p: float = 0.05, repeat_penalty: float = 1.0,
                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                           stop: str | list[str] | None = None, seed: int | None = None,
-                          stream: bool = False):
+                          stream: bool = False, speculative: str | None = None):
+        """speculative="lookup": as in `stream` (greedy only)."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, seed=seed)
-        return self._openai(prompt, max_tokens, stop, params, stream, chat=False)
+        return self._openai(prompt, max_tokens, stop, params, stream, chat=False, speculative=speculative)
 
     __call__ = create_completion
 
@@ -206,10 +257,12 @@ class LLM:
                                min_p: float = 0.05, repeat_penalty: float = 1.0,
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                stop: str | list[str] | None = None, seed: int | None = None,
-                               stream: bool = False, truncate: str | None = None):
+                               stream: bool = False, truncate: str | None = None,
+                               speculative: str | None = None):
         """truncate="oldest": a conversation too long for the context loses its oldest turns
         (system messages stay), leaving room for max_tokens (default a quarter of the context);
-        the result's "dropped_messages" says how many went. Without it, too long is an error."""
+        the result's "dropped_messages" says how many went. Without it, too long is an error.
+        speculative="lookup": as in `stream` (greedy only)."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, seed=seed)
@@ -218,7 +271,8 @@ class LLM:
             messages, dropped = self.fit_chat(messages, max_tokens or self.n_ctx // 4)
         elif truncate is not None:
             raise ValueError(f"truncate must be None or 'oldest', got {truncate!r}")
-        result = self._openai(self.chat_prompt(messages), max_tokens, stop, params, stream, chat=True)
+        result = self._openai(self.chat_prompt(messages), max_tokens, stop, params, stream, chat=True,
+                              speculative=speculative)
         if not dropped:
             return result
         if stream:
@@ -251,7 +305,7 @@ class LLM:
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.tokenizer.token_text(token_id)
 
-    def _openai(self, prompt, max_tokens, stop, params, stream: bool, chat: bool):
+    def _openai(self, prompt, max_tokens, stop, params, stream: bool, chat: bool, speculative=None):
         ids = self._prompt_ids(prompt)
         budget = self.n_ctx - len(ids)
         max_tokens = budget if max_tokens is None or max_tokens <= 0 else min(max_tokens, budget)
@@ -259,7 +313,7 @@ class LLM:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}
         text_stream = TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
-        pieces = self._pieces(ids, max_tokens, stop, params, stream=text_stream)
+        pieces = self._pieces(ids, max_tokens, stop, params, stream=text_stream, speculative=speculative)
         usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": len(text_stream.tokens),  # noqa: E731
                          "total_tokens": len(ids) + len(text_stream.tokens)}
         if not stream:

@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed (same seed, same text)")
     p.add_argument("-cnv", "--conversation", action="store_true", help="chat mode")
+    p.add_argument("--lookup", action="store_true",
+                   help="prompt-lookup speculative decoding: also check guesses copied from earlier "
+                        "text in each step (same text, faster where the output repeats the prompt); "
+                        "greedy (-temp 0) only, ignored with sampling")
     p.set_defaults(func=run)
 
 
@@ -37,7 +41,11 @@ def run(args) -> int:
         raise ValueError("-n must be at least 1")
     llm = LLM(args.model, n_ctx=args.ctx_size or _default_ctx(args.model), n_threads=args.threads,
               device=args.device)
-    sampling = dict(temperature=args.temperature, seed=args.seed)
+    sampling = dict(temperature=args.temperature, seed=args.seed,
+                    speculative="lookup" if args.lookup else None)
+    if args.lookup and args.temperature > 0:
+        print("tritlm: --lookup works with greedy decoding only (-temp 0); sampling plainly",
+              file=sys.stderr)
     if not args.conversation:
         if not args.prompt:
             raise ValueError("give a prompt with -p (or chat with -cnv)")
@@ -104,4 +112,6 @@ def report(t: dict) -> None:
     prefill = t["prefill_tokens"] / t["prefill_seconds"] if t["prefill_seconds"] else 0.0
     decode = (t["generated_tokens"] - 1) / t["decode_seconds"] if t["generated_tokens"] > 1 else 0.0
     print(f"\nprompt: {t['prompt_tokens']} tokens ({t['prefill_tokens']} computed) at {prefill:.1f} tokens/s"
-          f" | generated: {t['generated_tokens']} tokens at {decode:.1f} tokens/s", file=sys.stderr)
+          f" | generated: {t['generated_tokens']} tokens at {decode:.1f} tokens/s"
+          + (f" | lookup: {t['accepted_tokens']}/{t['proposed_tokens']} guesses accepted"
+             if "proposed_tokens" in t else ""), file=sys.stderr)

@@ -83,7 +83,9 @@ class Sequence:
         self.position = 0  # tokens held in the cache
 
     def truncate(self, n: int) -> None:
-        """Forget everything after the first n tokens (e.g. to reuse a shared prompt prefix)."""
+        """Forget everything after the first n tokens (to reuse a shared prompt prefix, or to
+        drop rejected speculative guesses): only the position moves back; the cache rows beyond
+        it are overwritten by the next tokens fed."""
         if not 0 <= n <= self.position:
             raise ValueError(f"cannot truncate a sequence of {self.position} tokens to {n}")
         self.position = n
@@ -159,17 +161,25 @@ class Engine:
             raise ValueError(f"n_ctx must be between 1 and the model's context {self.config.context_length}")
         return Sequence(self.config, n_ctx, self.kv_dtype)
 
-    def forward(self, batch: list[tuple[Sequence, list[int]]], all_logits: bool = False) -> list[np.ndarray]:
+    def forward(self, batch: list[tuple[Sequence, list[int]]],
+                all_logits: bool | list[bool] = False) -> list[np.ndarray]:
         """Append each sequence's tokens and return its logits: [1, vocab] for its last token, or
-        [tokens, vocab] for every one with all_logits."""
+        [tokens, vocab] for every one with all_logits (one flag for the batch, or one per sequence).
+
+        Speculative decoding verifies guesses this way: a sequence's last token and k guesses in
+        one step (beside other sequences' tokens), the logits after each; then `truncate` drops
+        the guesses after the first one rejected."""
         for seq, tokens in batch:
             self._check(seq, tokens)
+        every = [all_logits] * len(batch) if isinstance(all_logits, bool) else list(all_logits)
+        if len(every) != len(batch):
+            raise ValueError(f"all_logits has {len(every)} flags for {len(batch)} sequences")
         outputs = [[] for _ in batch]
         pending = [(i, seq, list(tokens)) for i, (seq, tokens) in enumerate(batch)]
         while pending:  # chunked prefill: at most prefill_chunk tokens per sequence per step
             step = [(i, seq, tokens[: self.prefill_chunk]) for i, seq, tokens in pending]
             done = [len(tokens) <= self.prefill_chunk for _, _, tokens in pending]
-            keep = ["all" if all_logits else "last" if last else "none" for last in done]
+            keep = ["all" if every[i] else "last" if last else "none" for (i, _, _), last in zip(pending, done)]
             for (i, _, _), logits in zip(step, self._step([(s, t) for _, s, t in step], keep)):
                 outputs[i].append(logits)
             pending = [(i, seq, tokens[self.prefill_chunk :]) for (i, seq, tokens), last

@@ -1,0 +1,95 @@
+"""Speculative decoding (prompt lookup), measured.
+
+(a) What verification costs: one step feeding k = 1..8 tokens of one sequence (every row's
+    logits kept, as verification does), against one token: this bounds the speedup. On --model
+    (e.g. a 2B4T-shaped dummy, `tritlm dummy -o /tmp/2b4t.gguf`), each thread count in --threads.
+(b) End to end, on --chat-model (default the bundled model): greedy tokens/s with and without
+    `speculative="lookup"`, and the share of guesses accepted, on tasks whose output repeats
+    the prompt and on free text (the worst case: few repeats to find).
+
+    python benchmarks/speculative.py --model /tmp/2b4t.gguf --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from tritlm import LLM
+from tritlm.models import loader
+from tritlm.runtime import Engine
+
+TASKS = {
+    "repeat a list": "Fruits: apple, banana, cherry, damson, elderberry, fig, grape, honeydew, kiwi, lemon, "
+                     "mango, nectarine, orange, papaya, quince.\nThe same list again: apple, banana,",
+    "rename a variable": "def total(items):\n    result = 0\n    for item in items:\n        result += item.price\n"
+                         "        if item.discount:\n            result -= item.discount\n    return result\n\n"
+                         "# the same function, with result renamed to amount\ndef total(items):\n    amount",
+    "quote a passage": "class Stack:\n    \"\"\"A last-in, first-out stack of items.\"\"\"\n\n    def __init__(self):\n"
+                       "        self.items = []\n\n    def push(self, item):\n        self.items.append(item)\n\n"
+                       "    def pop(self):\n        return self.items.pop()\n\n\nclass Stack:\n",
+    "free text": "import",
+}
+
+
+def step_cost(path: str, threads: list[int], position: int, repeats: int) -> None:
+    config, tensors, _ = loader.load(path)
+    engine = Engine(config, tensors, n_ctx=position + 16)
+    del tensors
+    rng = np.random.default_rng(0)
+    seq = engine.new_sequence()
+    engine.forward([(seq, rng.integers(0, config.vocab_size, position).tolist())])  # a context to attend to
+    print(f"(a) one step verifying k tokens vs one token, {path}, after {position} tokens of context")
+    print("| threads | " + " | ".join(f"k={k}" for k in range(1, 9)) + " |")
+    print("|---|" + "---|" * 8)
+    for n in threads:
+        engine.set_threads(n)
+        ms = []
+        for k in range(1, 9):
+            times = []
+            for _ in range(repeats + 1):  # the first warms up
+                tokens = rng.integers(0, config.vocab_size, k).tolist()
+                start = time.perf_counter()
+                engine.forward([(seq, tokens)], all_logits=True)
+                times.append(time.perf_counter() - start)
+                seq.truncate(position)
+            ms.append(1e3 * float(np.median(times[1:])))
+        print(f"| {n} | " + " | ".join(f"{m / ms[0]:.2f}x" + (f" ({m:.0f} ms)" if k == 1 else "")
+                                       for k, m in enumerate(ms, 1)) + " |")
+
+
+def end_to_end(path: str | None, threads: int, n_gen: int) -> None:
+    llm = LLM(path, n_threads=threads)
+    print(f"\n(b) greedy generation of {n_gen} tokens, {llm.model_name}, {threads} threads")
+    print("| task | plain tokens/s | lookup tokens/s | speedup | accepted / proposed | same text |")
+    print("|---|---|---|---|---|---|")
+    for task, prompt in TASKS.items():
+        rates, texts = [], []
+        for mode in (None, "lookup"):
+            llm.generate(prompt, max_tokens=8, temperature=0, speculative=mode)  # warm-up
+            texts.append(llm.generate(prompt, max_tokens=n_gen, temperature=0, speculative=mode))
+            t = llm.timings
+            rates.append((t["generated_tokens"] - 1) / t["decode_seconds"])
+        accepted = f"{t['accepted_tokens']} / {t['proposed_tokens']}"
+        print(f"| {task} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x | {accepted} | "
+              f"{'yes' if texts[0] == texts[1] else 'NO'} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", help="GGUF for (a), e.g. a 2B4T dummy (default: skip (a))")
+    p.add_argument("-t", "--threads", type=int, nargs="+", default=[1, 2], help="thread counts for (a) (default 1 2)")
+    p.add_argument("--position", type=int, default=256, help="context tokens before the verified ones (default 256)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed steps per k (default 5)")
+    p.add_argument("--chat-model", help="model for (b) (default: the bundled model)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="tokens generated per run in (b) (default 128)")
+    args = p.parse_args()
+    if args.model:
+        step_cost(args.model, args.threads, args.position, args.repetitions)
+    end_to_end(args.chat_model, args.threads[-1], args.n_gen)
+
+
+if __name__ == "__main__":
+    main()
