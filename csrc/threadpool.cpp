@@ -56,11 +56,13 @@ constexpr int kCallerSpins = 2000;  // ~20-50 us of pauses before the caller sle
 // worker descheduled mid-piece holds up the caller; the caller alone, with a core to itself, can
 // then be faster. So each call estimates its speedup over the caller alone: all pieces at the
 // CPU time the caller's own pieces took, against the wall time. When a window of calls falls
-// short of kWorthIt, the pool runs on the caller alone for kBackoffCalls calls, then tries its
-// threads again.
+// short of kWorthIt, the pool runs on the caller alone for a while, then tries its threads again:
+// for kBackoffCalls calls at first, twice as long after each window that falls short again (up to
+// kMaxBackoffCalls, so probing costs little while the contention lasts), back to kBackoffCalls
+// after a window that pays.
 constexpr int kWindowCalls = 64;
 constexpr double kWorthIt = 1.15;
-constexpr int kBackoffCalls = 2000;  // a few decode steps
+constexpr int kBackoffCalls = 2000, kMaxBackoffCalls = 32000;  // ~10 and ~200 decode steps of a 2B model
 
 class Pool {
  public:
@@ -114,11 +116,18 @@ class Pool {
 
   // The caller ran `own` of `pieces` in `own_cpu` seconds of CPU; the call took `wall` seconds.
   void judge(int own, int pieces, double own_cpu, double wall) {
-    if (own == 0) return;  // the workers took every piece: no rate to go by
+    // Nothing to learn when one side ran every piece: the workers (no rate for the caller), or
+    // the caller (a worker just started or woken: no parallel run to judge).
+    if (own == 0 || own == pieces) return;
     alone_ += own_cpu * pieces / own;
     wall_ += wall;
     if (++calls_ < kWindowCalls) return;
-    if (alone_ < kWorthIt * wall_) backoff_ = kBackoffCalls;
+    if (alone_ < kWorthIt * wall_) {
+      backoff_ = next_backoff_;
+      next_backoff_ = std::min(2 * next_backoff_, kMaxBackoffCalls);
+    } else {
+      next_backoff_ = kBackoffCalls;
+    }
     calls_ = 0, alone_ = wall_ = 0.0;
   }
 
@@ -166,7 +175,7 @@ class Pool {
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
   uint64_t generation_ = 0;  // the caller's alone, as are the speedup tallies:
-  int calls_ = 0, backoff_ = 0;
+  int calls_ = 0, backoff_ = 0, next_backoff_ = kBackoffCalls;
   double alone_ = 0.0, wall_ = 0.0;
   alignas(64) std::atomic<uint64_t> work_{0};
   alignas(64) std::atomic<int> done_{0};  // pieces finished in this call
