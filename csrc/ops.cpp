@@ -515,7 +515,11 @@ void attend(const AttentionArgs& args, int64_t t, int64_t g, int64_t h0, std::ve
   float* qs = scores + Q * L;  // [Q][nc * 16], zero-padded
   for (int i = 0; i < Q; ++i) {
     std::fill(qs + i * nc * 16, qs + (i + 1) * nc * 16, 0.0f);
-    std::memcpy(qs + i * nc * 16, a.q + (t * a.Hq + h0 + i) * D, 4 * D);
+    const float* q = a.q + (t * a.Hq + h0 + i) * D;
+    // Against an f16 cache, q . k takes q rounded to f16, as ggml computes it: it multiplies
+    // an F16 matrix (the cached k) by F32 activations (q) through their F16 copy.
+    if (a.f16) for (int64_t e = 0; e < D; ++e) qs[i * nc * 16 + e] = half_to_float(float_to_half(q[e]));
+    else std::memcpy(qs + i * nc * 16, q, 4 * D);
   }
 
   int64_t j = 0;

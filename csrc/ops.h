@@ -67,6 +67,7 @@ struct Attention {
 };
 
 // Causal grouped-query attention over the cache; query head h reads KV head h / (Hq / Hkv).
+// Against an f16 cache, q is rounded to f16 for q . k (as ggml computes it).
 void attention(Isa isa, const Attention& a, int n_threads);
 
 // out = relu(gate)^2 * up (relu2) or gate / (1 + exp(-gate)) * up (SiLU), n elements.

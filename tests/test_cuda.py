@@ -189,7 +189,8 @@ def test_rope_cache_and_attention_match_the_reference(kv_type, style):
         cache = host(caches[i][layer].float())
         np.testing.assert_allclose(cache[0, s:s + n], k_ref[mine].astype(kv_dtype[1]), rtol=1e-3, atol=1e-6)
         np.testing.assert_array_equal(cache[1, s:s + n], v_ref[mine].astype(kv_dtype[1]))
-        expected = reference.attention(q_ref[mine], cache[0, :s + n], cache[1, :s + n], positions[mine])
+        expected = reference.attention(q_ref[mine], cache[0, :s + n], cache[1, :s + n], positions[mine],
+                                       q_f16=kv_type == "f16")
         np.testing.assert_allclose(host(out)[mine], expected, rtol=1e-4, atol=1e-5)
 
 

@@ -104,9 +104,10 @@ def test_attention_matches_reference(isa, dtype, tokens, n_kv_heads, group, d, f
         positions = np.full(1, filled - 1)
     q = normal(rng, len(positions), n_kv_heads * group, d)
     out = ops.attention(q, cache_k, cache_v, positions.astype(np.int32), isa=isa, n_threads=n_threads)
-    # the reference on the values the cache holds: f16-rounded k and v for a float16 cache
-    kr, vr = k.astype(dtype).astype(np.float32), v.astype(dtype).astype(np.float32)
-    np.testing.assert_allclose(out, reference.attention(q, kr, vr, positions), rtol=1e-5, atol=2e-6)
+    # the reference on the values the cache holds: f16-rounded k and v for a float16 cache, and
+    # q rounded to f16 for q . k against it, as ggml does
+    qr, kr, vr = (a.astype(dtype).astype(np.float32) for a in (q, k, v))
+    np.testing.assert_allclose(out, reference.attention(qr, kr, vr, positions), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -119,8 +120,8 @@ def test_attention_model_shape_and_thread_counts(isa, rng):
     q = normal(rng, t, 20, 128, scale=3.0)  # peaked softmax
     positions = np.arange(512 - t, 512, dtype=np.int32)
     one = ops.attention(q, cache_k, cache_v, positions, isa=isa, n_threads=1)
-    kr, vr = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
-    np.testing.assert_allclose(one, reference.attention(q, kr, vr, positions), rtol=1e-5, atol=2e-6)
+    qr, kr, vr = (a.astype(np.float16).astype(np.float32) for a in (q, k, v))
+    np.testing.assert_allclose(one, reference.attention(qr, kr, vr, positions), rtol=1e-5, atol=2e-6)
     for n in (2, 3, 16, 64):
         np.testing.assert_array_equal(ops.attention(q, cache_k, cache_v, positions, isa=isa, n_threads=n), one)
 

@@ -378,6 +378,8 @@ def _attention_kernel(q_ptr, pos_ptr, kv_ptr, plane_ptr, out_ptr, layer, HQ, HKV
     dm = d < D
     k_base = cache + (2 * layer) * plane + g * D + d[None, :]
     q = tl.load(q_ptr + (t * HQ + hq) * D + d, mask=dm, other=0.0)
+    if not KV_F32:  # q . k against an f16 cache takes q rounded to f16 (nearest even), as ggml does
+        q = q.to(tl.float16).to(tl.float32)
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([BD], tl.float32)

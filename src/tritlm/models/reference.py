@@ -49,12 +49,17 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> np.n
     return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
+              q_f16: bool = False) -> np.ndarray:
     """Causal grouped-query attention.
 
     q [tokens, n_heads, d] at `positions`; k, v [n_keys, n_kv_heads, d] at positions 0..n_keys-1.
-    A query at position p sees keys 0..p. Returns [tokens, n_heads * d].
+    A query at position p sees keys 0..p. Returns [tokens, n_heads * d]. q_f16: q . k takes q
+    rounded to f16, as ggml computes it against an F16 cache (it multiplies an F16 matrix by F32
+    activations through their F16 copy).
     """
+    if q_f16:
+        q = q.astype(np.float16).astype(np.float32)
     tokens, n_heads, d = q.shape
     group = n_heads // k.shape[1]
     k = np.repeat(k, group, axis=1)  # query head h reads KV head h // group
@@ -73,8 +78,16 @@ def gated(gate: np.ndarray, up: np.ndarray, activation: str) -> np.ndarray:
     return (gate / (1 + np.exp(-gate)) * up).astype(np.float32)  # silu
 
 
-def forward(config: ModelConfig, weights: dict, tokens: np.ndarray) -> np.ndarray:
-    """Logits [tokens, vocab] of a whole sequence starting at position 0."""
+def forward(config: ModelConfig, weights: dict, tokens: np.ndarray, kv_type: str = "f32") -> np.ndarray:
+    """Logits [tokens, vocab] of a whole sequence starting at position 0.
+
+    kv_type "f16" computes attention as an f16 KV cache makes llama.cpp (and the engine) do:
+    k and v rounded to f16 where they are stored, and q rounded to f16 for q . k.
+    """
+    if kv_type not in ("f32", "f16"):
+        raise ValueError(f"kv_type must be 'f32' or 'f16', got {kv_type!r}")
+    f16 = kv_type == "f16"
+    cached = (lambda a: a.astype(np.float16).astype(np.float32)) if f16 else (lambda a: a)
     positions = np.arange(len(tokens))
     embedding = _float(weights["token_embd"])
     x = embedding[tokens].astype(np.float32)
@@ -87,7 +100,7 @@ def forward(config: ModelConfig, weights: dict, tokens: np.ndarray) -> np.ndarra
         v = linear(h, w["attn_v"]).reshape(len(tokens), config.n_kv_heads, d)
         q = rope(q, positions, config.rope_theta, config.rope_style)
         k = rope(k, positions, config.rope_theta, config.rope_style)
-        a = attention(q, k, v, positions)
+        a = attention(q, cached(k), cached(v), positions, q_f16=f16)
         if config.sub_norms:
             a = rms_norm(a, w["attn_sub_norm"], eps)
         x = x + linear(a, w["attn_output"])
