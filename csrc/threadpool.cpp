@@ -48,10 +48,6 @@ double thread_cpu_seconds() {
 constexpr auto kSpin = std::chrono::microseconds(2000);  // a worker's wait for the next call, then sleep
 constexpr int kCallerSpins = 2000;  // ~20-50 us of pauses before the caller sleeps on a late piece
 
-// Work is handed out through one atomic word: call generation (32 bits) | pieces (16) | next
-// piece (16). A claim is a compare-exchange of that word, so a worker that wakes late, after
-// its call has returned, finds the generation moved on or nothing left, and never touches the
-// finished call's context.
 // Under contention (another process on a core) the threads share the cores that are left, and a
 // worker descheduled mid-piece holds up the caller; the caller alone, with a core to itself, can
 // then be faster. So each call estimates its speedup over the caller alone: all pieces at the
@@ -64,6 +60,10 @@ constexpr int kWindowCalls = 64;
 constexpr double kWorthIt = 1.15;
 constexpr int kBackoffCalls = 2000, kMaxBackoffCalls = 32000;  // ~10 and ~200 decode steps of a 2B model
 
+// Work is handed out through one atomic word: call generation (32 bits) | pieces (16) | next
+// piece (16). A claim is a compare-exchange of that word, so a worker that wakes late, after
+// its call has returned, finds the generation moved on or nothing left, and never touches the
+// finished call's context.
 class Pool {
  public:
   void run(int n_threads, int pieces, TaskFn fn, void* ctx) {
