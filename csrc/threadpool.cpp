@@ -51,11 +51,11 @@ constexpr int kCallerSpins = 2000;  // ~20-50 us of pauses before the caller sle
 // Under contention (another process on a core) the threads share the cores that are left, and a
 // worker descheduled mid-piece holds up the caller; the caller alone, with a core to itself, can
 // then be faster. So each call estimates its speedup over the caller alone: all pieces at the
-// CPU time the caller's own pieces took, against the wall time. When a window of calls falls
-// short of kWorthIt, the pool runs on the caller alone for a while, then tries its threads again:
-// for kBackoffCalls calls at first, twice as long after each window that falls short again (up to
-// kMaxBackoffCalls, so probing costs little while the contention lasts), back to kBackoffCalls
-// after a window that pays.
+// CPU time the caller's own pieces took, against the wall time. When two windows of calls in a
+// row fall short of kWorthIt (one can be a fluke), the pool runs on the caller alone for a while,
+// then tries its threads again: for kBackoffCalls calls at first, twice as long after each window
+// that falls short again (up to kMaxBackoffCalls, so probing costs little while the contention
+// lasts), back to kBackoffCalls after a window that pays.
 constexpr int kWindowCalls = 64;
 constexpr double kWorthIt = 1.15;
 constexpr int kBackoffCalls = 2000, kMaxBackoffCalls = 32000;  // ~10 and ~200 decode steps of a 2B model
@@ -122,11 +122,13 @@ class Pool {
     alone_ += own_cpu * pieces / own;
     wall_ += wall;
     if (++calls_ < kWindowCalls) return;
-    if (alone_ < kWorthIt * wall_) {
+    if (alone_ >= kWorthIt * wall_) {
+      short_windows_ = 0;
+      next_backoff_ = kBackoffCalls;
+    } else if (++short_windows_ >= 2 || next_backoff_ > kBackoffCalls) {  // a probe that failed again
       backoff_ = next_backoff_;
       next_backoff_ = std::min(2 * next_backoff_, kMaxBackoffCalls);
-    } else {
-      next_backoff_ = kBackoffCalls;
+      short_windows_ = 0;
     }
     calls_ = 0, alone_ = wall_ = 0.0;
   }
@@ -175,7 +177,7 @@ class Pool {
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
   uint64_t generation_ = 0;  // the caller's alone, as are the speedup tallies:
-  int calls_ = 0, backoff_ = 0, next_backoff_ = kBackoffCalls;
+  int calls_ = 0, short_windows_ = 0, backoff_ = 0, next_backoff_ = kBackoffCalls;
   double alone_ = 0.0, wall_ = 0.0;
   alignas(64) std::atomic<uint64_t> work_{0};
   alignas(64) std::atomic<int> done_{0};  // pieces finished in this call
