@@ -86,6 +86,9 @@ class ModelConfig:
     # RoPE pairs (i, i + head_dim/2) ("neox", HF's rotate_half) or (2i, 2i + 1) ("norm", GGUF llama)
     rope_style: str = "neox"
     tied_embeddings: bool = True
+    # how an embedding is pooled from the final hidden states: "mean" over the tokens, or the
+    # "last" token's (the BitNet embedding models)
+    pooling: str = "mean"
 
     def __post_init__(self):
         family_of(self.arch)
@@ -108,6 +111,8 @@ class ModelConfig:
         self._number("norm_eps", lambda x: 0 <= x < 1, "must be a finite number in [0, 1)")
         if self.rope_style not in ("neox", "norm"):
             raise ConfigError("rope_style", self.rope_style, "must be 'neox' or 'norm'")
+        if self.pooling not in ("mean", "last"):
+            raise ConfigError("pooling", self.pooling, "must be 'mean' or 'last'")
         if not isinstance(self.tied_embeddings, bool):
             raise ConfigError("tied_embeddings", self.tied_embeddings, "must be true or false")
 
