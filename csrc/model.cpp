@@ -57,9 +57,21 @@ struct Matrix {
   int64_t M, K;
 };
 
+// Ternary matrices side by side, read from one input: their outputs are concatenated per token.
+// Each may normalize the input first with its own RMSNorm (a BitLinear input norm, or BitNet's
+// sub-norm); matrices without one are stacked into a single matrix (one stream, one quantization).
+struct Projection {
+  const float* norm;  // may be null
+  Matrix w;
+};
+using Projections = std::vector<Projection>;
+
+// One block as models/arch.py states it; the optional norms are null where the architecture has none.
 struct Layer {
-  const float *attn_norm, *attn_sub_norm, *ffn_norm, *ffn_sub_norm;  // sub-norms may be null
-  Matrix qkv, attn_output, gate_up, ffn_down;
+  const float *attn_norm, *q_norm, *k_norm, *attn_post_norm, *ffn_norm, *ffn_post_norm;
+  Projections qkv, attn_output, gate_up, ffn_down;
+  double theta;    // RoPE
+  int64_t window;  // keys a query sees at most; 0: all before it
 };
 
 class Model {
@@ -70,13 +82,15 @@ class Model {
     auto get = [&](const char* k) { return nb::cast<int64_t>(dims[k]); };
     D_ = get("hidden"), F_ = get("ffn"), Hq_ = get("heads"), Hkv_ = get("kv_heads");
     Dh_ = get("head_dim"), V_ = get("vocab");
-    eps_ = nb::cast<double>(dims["eps"]), theta_ = nb::cast<double>(dims["theta"]);
-    neox_ = nb::cast<bool>(dims["neox"]), relu2_ = nb::cast<bool>(dims["relu2"]);
+    eps_ = nb::cast<double>(dims["eps"]), attn_scale_ = nb::cast<double>(dims["attention_scale"]);
+    embed_scale_ = nb::cast<float>(dims["embedding_scale"]), neox_ = nb::cast<bool>(dims["neox"]);
+    if (!ops::activation_named(nb::cast<std::string>(dims["activation"]), &activation_)) fail("unknown activation");
     // The step sizes every buffer from these: a file's tensors must fit them, never the reverse.
     if (D_ < 1 || F_ < 1 || Hq_ < 1 || Hkv_ < 1 || Dh_ < 2 || Dh_ % 2 || V_ < 1 || Hq_ % Hkv_)
       fail("the model's dimensions are not positive, or heads do not group over KV heads, or head_dim is odd");
-    if (!(eps_ > 0) || !std::isfinite(eps_) || !(theta_ > 0) || !std::isfinite(theta_))
-      fail("the norm epsilon and RoPE theta must be positive and finite");
+    if (!(eps_ > 0) || !std::isfinite(eps_) || !(attn_scale_ > 0) || !std::isfinite(attn_scale_) ||
+        !std::isfinite(embed_scale_))
+      fail("the norm epsilon, attention scale and embedding scale must be positive and finite");
     if (!ops::weight_type_named(embedding_type, &embedding_type_) || !ops::weight_type_named(head_type, &head_type_))
       fail("unknown embedding or head type");
     if (D_ % ops::block_elements(embedding_type_) || D_ % ops::block_elements(head_type_))
@@ -157,18 +171,29 @@ class Model {
       if (!d.contains(k) || d[k].is_none()) return nullptr;
       return data_of<float>(d[k], k, size_t(n));
     };
-    Layer l{norm("attn_norm", D_), norm("attn_sub_norm", Hq_ * Dh_), norm("ffn_norm", D_), norm("ffn_sub_norm", F_),
-            matrix(d["qkv"]), matrix(d["attn_output"]), matrix(d["gate_up"]), matrix(d["ffn_down"])};
-    if (!l.attn_norm || !l.ffn_norm) fail("a layer lacks its norms");
-    auto fits = [](const Matrix& w, int64_t M, int64_t K, const char* name) {
-      if (w.M != M || w.K != K)
-        fail(std::string(name) + ": " + checks::dims_str({w.M, w.K}) + " does not fit the model, which needs " +
-             checks::dims_str({M, K}));
+    // (norm or None, TernaryMatrix) pairs whose outputs together are M x K
+    auto projections = [&](const char* k, int64_t M, int64_t K) {
+      Projections ps;
+      int64_t rows = 0;
+      for (nb::handle pair : nb::cast<nb::list>(d[k])) {
+        const nb::tuple t = nb::cast<nb::tuple>(pair);
+        const Matrix w = matrix(t[1]);
+        if (w.K != K) fail(std::string(k) + ": a matrix of " + std::to_string(w.K) + " columns where " +
+                           std::to_string(K) + " are needed");
+        ps.push_back({t[0].is_none() ? nullptr : data_of<float>(t[0], k, size_t(K)), w});
+        rows += w.M;
+      }
+      if (rows != M) fail(std::string(k) + ": " + std::to_string(rows) + " rows in all, the model needs " + std::to_string(M));
+      return ps;
     };
-    fits(l.qkv, (Hq_ + 2 * Hkv_) * Dh_, D_, "qkv");
-    fits(l.attn_output, D_, Hq_ * Dh_, "attn_output");
-    fits(l.gate_up, 2 * F_, D_, "gate_up");
-    fits(l.ffn_down, D_, F_, "ffn_down");
+    const int64_t qd = Hq_ * Dh_;
+    Layer l{norm("attn_norm", D_), norm("attn_q_norm", Dh_), norm("attn_k_norm", Dh_),
+            norm("post_attention_norm", D_), norm("ffn_norm", D_), norm("post_ffw_norm", D_),
+            projections("qkv", qd + 2 * Hkv_ * Dh_, D_), projections("attn_output", D_, qd),
+            projections("gate_up", 2 * F_, D_), projections("ffn_down", D_, F_),
+            nb::cast<double>(d["theta"]), nb::cast<int64_t>(d["window"])};
+    if (!l.attn_norm || !l.ffn_norm) fail("a layer lacks its norms");
+    if (!(l.theta > 0) || !std::isfinite(l.theta) || l.window < 0) fail("a layer's RoPE theta or window is out of range");
     return l;
   }
 
@@ -199,6 +224,35 @@ class Model {
                  [&](int64_t b, int64_t e) { ks.gemm_tiles(g, b, e); });
   }
 
+  // y [T, sum of M] = the projections of x [T, K], side by side per token
+  void project(const KernelSet& ks, ops::Isa isa, const Projections& ps, const float* x, int64_t T, float* y, int nt) {
+    if (ps.size() == 1 && !ps[0].norm) return linear(ks, ps[0].w, x, T, y, nt);
+    int64_t total = 0, offset = 0;
+    for (const Projection& p : ps) total += p.w.M;
+    for (const Projection& p : ps) {
+      const int64_t K = p.w.K, M = p.w.M;
+      const float* in = x;
+      if (p.norm) {
+        normed_.resize(size_t(T * K));
+        ops::rms_norm(isa, x, p.norm, T, K, eps_, normed_.data(), nt);
+        in = normed_.data();
+      }
+      part_.resize(size_t(T * M));
+      linear(ks, p.w, in, T, part_.data(), nt);
+      for (int64_t t = 0; t < T; ++t) std::memcpy(&y[t * total + offset], &part_[t * M], sizeof(float) * M);
+      offset += M;
+    }
+  }
+
+  // x += d, or x += norm(d) where the block norms its outputs (scratch: [T, D])
+  void residual(ops::Isa isa, float* x, const float* d, const float* post_norm, int64_t T, float* scratch, int nt) {
+    if (post_norm) {
+      ops::rms_norm(isa, d, post_norm, T, D_, eps_, scratch, nt);
+      d = scratch;
+    }
+    for (int64_t i = 0; i < T * D_; ++i) x[i] += d[i];
+  }
+
   struct OpTimes {
     double ternary = 0, head = 0, attention = 0, other = 0;  // the last: norms, embedding, activation, residuals
   };
@@ -222,19 +276,23 @@ class Model {
         k(size_t(T * kvd)), v(size_t(T * kvd)), a(size_t(T * qd)), y(size_t(T * std::max(D_, 2 * F_))),
         f(size_t(T * F_));
     ops::embedding_rows(isa, embedding_, D_, embedding_type_, ids, T, x.data());
+    if (embed_scale_ != 1.0f)
+      for (float& e : x) e *= embed_scale_;
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
       ops::rms_norm(isa, x.data(), L.attn_norm, T, D_, eps_, h.data(), nt);
       lap(tm.other);
-      linear(ks, L.qkv, h.data(), T, qkv.data(), nt);
+      project(ks, isa, L.qkv, h.data(), T, qkv.data(), nt);
       lap(tm.ternary);
       for (int64_t t = 0; t < T; ++t) {  // q, k, v are stacked per token
         std::memcpy(&q[t * qd], &qkv[t * M], sizeof(float) * qd);
         std::memcpy(&k[t * kvd], &qkv[t * M + qd], sizeof(float) * kvd);
         std::memcpy(&v[t * kvd], &qkv[t * M + qd + kvd], sizeof(float) * kvd);
       }
-      ops::rope(q.data(), positions, T, Hq_, Dh_, theta_, neox_, nt);
-      ops::rope(k.data(), positions, T, Hkv_, Dh_, theta_, neox_, nt);
+      if (L.q_norm) ops::rms_norm(isa, q.data(), L.q_norm, T * Hq_, Dh_, eps_, q.data(), nt);  // per head
+      if (L.k_norm) ops::rms_norm(isa, k.data(), L.k_norm, T * Hkv_, Dh_, eps_, k.data(), nt);
+      ops::rope(q.data(), positions, T, Hq_, Dh_, L.theta, neox_, nt);
+      ops::rope(k.data(), positions, T, Hkv_, Dh_, L.theta, neox_, nt);
       for (const Cache& c : parts) {
         const size_t row = size_t(Hkv_ * Dh_) * (c.f16 ? 2 : 4), plane = row * size_t(c.n_ctx);
         uint8_t* kc = c.base + (2 * li) * plane;
@@ -244,34 +302,24 @@ class Model {
           ops::store_rows(isa, &v[t * kvd], kvd, vc + positions[t] * row, c.f16);
         }
         ops::Attention at{&q[c.begin * qd], kc, vc, c.f16, positions + c.begin, c.end - c.begin,
-                          Hq_, Hkv_, Dh_, &a[c.begin * qd]};
+                          Hq_, Hkv_, Dh_, &a[c.begin * qd], attn_scale_, L.window};
         ops::attention(isa, at, nt);
       }
       lap(tm.attention);
-      const float* attn = a.data();
-      if (L.attn_sub_norm) {
-        ops::rms_norm(isa, a.data(), L.attn_sub_norm, T, qd, eps_, h.data(), nt);
-        attn = h.data();
-      }
-      lap(tm.other);
-      linear(ks, L.attn_output, attn, T, y.data(), nt);
+      project(ks, isa, L.attn_output, a.data(), T, y.data(), nt);
       lap(tm.ternary);
-      for (int64_t i = 0; i < T * D_; ++i) x[i] += y[i];
+      residual(isa, x.data(), y.data(), L.attn_post_norm, T, h.data(), nt);
       ops::rms_norm(isa, x.data(), L.ffn_norm, T, D_, eps_, h.data(), nt);
       lap(tm.other);
-      linear(ks, L.gate_up, h.data(), T, y.data(), nt);
+      project(ks, isa, L.gate_up, h.data(), T, y.data(), nt);
       lap(tm.ternary);
       for (int64_t t = 0; t < T; ++t)  // gate then up, per token
-        ops::gated(isa, &y[t * 2 * F_], &y[t * 2 * F_ + F_], F_, relu2_, &f[t * F_], 1);
-      const float* ffn = f.data();
-      if (L.ffn_sub_norm) {
-        ops::rms_norm(isa, f.data(), L.ffn_sub_norm, T, F_, eps_, y.data(), nt);
-        ffn = y.data();
-      }
+        ops::gated(isa, &y[t * 2 * F_], &y[t * 2 * F_ + F_], F_, activation_, &f[t * F_], 1);
       lap(tm.other);
-      linear(ks, L.ffn_down, ffn, T, h.data(), nt);
+      project(ks, isa, L.ffn_down, f.data(), T, h.data(), nt);
       lap(tm.ternary);
-      for (int64_t i = 0; i < T * D_; ++i) x[i] += h[i];
+      residual(isa, x.data(), h.data(), L.ffn_post_norm, T, y.data(), nt);
+      lap(tm.other);
     }
     std::vector<float> picked(size_t(R * D_)), normed(size_t(R * D_));
     for (int64_t r = 0; r < R; ++r) std::memcpy(&picked[r * D_], &x[rows[r] * D_], sizeof(float) * D_);
@@ -283,12 +331,15 @@ class Model {
 
   nb::object keep_;  // every array the pointers below point into
   int64_t D_, F_, Hq_, Hkv_, Dh_, V_;
-  double eps_, theta_;
-  bool neox_, relu2_;
+  double eps_, attn_scale_;
+  float embed_scale_;
+  bool neox_;
+  ops::Activation activation_;
   const uint8_t *embedding_, *head_;
   ops::WeightType embedding_type_, head_type_;
   const float* output_norm_;
   std::vector<Layer> layers_;
+  std::vector<float> normed_, part_;  // scratch of project()
   std::vector<int8_t> q_;  // scratch for quantized activations
   std::vector<float> act_scale_;
   std::vector<int32_t> act_sum_;

@@ -390,21 +390,24 @@ struct GatedArgs {
   const float* gate;
   const float* up;
   float* out;
-  bool relu2;
+  Activation act;
 };
 
-template <class V> Vec<V> gated16(const Vec<V>& g, const Vec<V>& u, bool relu2) {
-  if (relu2) {
+template <class V> Vec<V> gated16(const Vec<V>& g, const Vec<V>& u, Activation act) {
+  if (act == Activation::relu2) {
     const Vec<V> m = V::max(V::zero(), g);  // max(0, NaN) is NaN: NaN propagates like np.maximum
     return V::mul(V::mul(m, m), u);
   }
-  return V::mul(V::div(g, V::add(V::set1(1.0f), vexp<V>(V::sub(V::zero(), g)))), u);
+  Vec<V> z = V::sub(V::zero(), g);  // SiLU: g / (1 + e^-g)
+  if (act == Activation::gelu_tanh)  // g / (1 + e^-2u)
+    z = V::mul(V::set1(-1.5957691216057308f), V::fma(V::mul(V::set1(0.044715f), g), V::mul(g, g), g));
+  return V::mul(V::div(g, V::add(V::set1(1.0f), vexp<V>(z))), u);
 }
 
 template <class V> void gated_range(const GatedArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; i += 16) {
     const int n = int(std::min<int64_t>(16, end - i));
-    store_n<V>(a.out + i, gated16<V>(load_n<V>(a.gate + i, n), load_n<V>(a.up + i, n), a.relu2), n);
+    store_n<V>(a.out + i, gated16<V>(load_n<V>(a.gate + i, n), load_n<V>(a.up + i, n), a.act), n);
   }
 }
 
@@ -501,15 +504,21 @@ template <class V> float softmax_numerators(float* s, int64_t L) {
   return 1.0f / V::sum(total);
 }
 
+// The first cache row query t sees: 0, or the start of its window.
+inline int64_t first_key(const Attention& a, int64_t t) {
+  return a.window > 0 ? std::max<int64_t>(0, a.positions[t] - a.window + 1) : 0;
+}
+
 // Query heads h0 .. h0+Q-1 of token t, all reading KV head g: each key and value row is loaded
 // once for the Q of them. Two passes over the cache: scores and softmax, then the weighted sum.
 template <class V, class C, int Q>
 void attend(const AttentionArgs& args, int64_t t, int64_t g, int64_t h0, std::vector<float>& buf) {
   const Attention& a = args.a;
-  const int64_t D = a.D, nc = (D + 15) / 16, L = int64_t(a.positions[t]) + 1, stride = a.Hkv * D;
+  const int64_t D = a.D, nc = (D + 15) / 16, stride = a.Hkv * D, first = first_key(a, t);
+  const int64_t L = int64_t(a.positions[t]) + 1 - first;
   const int last = int(D - 16 * (nc - 1));  // elements in the last chunk of a row
-  const C* keys = static_cast<const C*>(a.k) + g * D;
-  const C* values = static_cast<const C*>(a.v) + g * D;
+  const C* keys = static_cast<const C*>(a.k) + first * stride + g * D;
+  const C* values = static_cast<const C*>(a.v) + first * stride + g * D;
   buf.resize(size_t(Q * (L + 16 * nc)));
   float* scores = buf.data();  // [Q][L]
   float* qs = scores + Q * L;  // [Q][nc * 16], zero-padded
@@ -1085,13 +1094,15 @@ void attention(Isa isa, const Attention& a, int n_threads) {
   auto items_for = [&](int64_t c) { return a.T * a.Hkv * ((group + c - 1) / c); };
   while (chunk > 1 && items_for(chunk) < n_threads) chunk = (chunk + 1) / 2;
   const int64_t n_items = items_for(chunk), chunks = n_items / (a.T * a.Hkv);
-  const AttentionArgs args{a, float(1.0 / std::sqrt(double(a.D))), chunk};
+  const AttentionArgs args{a, float(a.scale > 0 ? a.scale : 1.0 / std::sqrt(double(a.D))), chunk};
 
   // An item costs about its cache length: cut the items into contiguous runs of equal cost
   // (a prompt's late tokens see many more rows than its early ones).
   std::vector<int64_t> start(size_t(n_items) + 1, 0);
-  for (int64_t i = 0; i < n_items; ++i)
-    start[size_t(i) + 1] = start[size_t(i)] + a.positions[i / chunks / a.Hkv] + 1 + 8;  // + per-item overhead
+  for (int64_t i = 0; i < n_items; ++i) {  // + per-item overhead
+    const int64_t t = i / chunks / a.Hkv;
+    start[size_t(i) + 1] = start[size_t(i)] + a.positions[t] + 1 - first_key(a, t) + 8;
+  }
   const int64_t total = start.back();
   const int threads = threads_for(total * a.D * chunk, 1 << 16, std::min<int64_t>(n_threads, n_items));
   const int64_t shares = std::min<int64_t>(n_items, threads == 1 ? 1 : threads * kPiecesPerThread);
@@ -1107,8 +1118,16 @@ void attention(Isa isa, const Attention& a, int n_threads) {
   });
 }
 
-void gated(Isa isa, const float* gate, const float* up, int64_t n, bool relu2, float* out, int n_threads) {
-  const GatedArgs a{gate, up, out, relu2};
+bool activation_named(const std::string& name, Activation* activation) {
+  if (name == "relu2") *activation = Activation::relu2;
+  else if (name == "silu") *activation = Activation::silu;
+  else if (name == "gelu_tanh") *activation = Activation::gelu_tanh;
+  else return false;
+  return true;
+}
+
+void gated(Isa isa, const float* gate, const float* up, int64_t n, Activation act, float* out, int n_threads) {
+  const GatedArgs a{gate, up, out, act};
   const OpTable& ops = ops_for(isa);
   constexpr int64_t kUnit = 1024;  // slices start on whole vectors
   parallel_for(threads_for(n, 1 << 15, n_threads), (n + kUnit - 1) / kUnit,

@@ -64,14 +64,21 @@ struct Attention {
   const int32_t* positions;  // [T], each < n_ctx: query t sees cache rows 0..positions[t]
   int64_t T, Hq, Hkv, D;
   float* out;                // [T, Hq * D]
+  double scale = 0;          // of q . k; 0: 1 / sqrt(D)
+  int64_t window = 0;        // > 0: query t sees only rows positions[t] - window + 1 .. positions[t]
 };
 
 // Causal grouped-query attention over the cache; query head h reads KV head h / (Hq / Hkv).
 // Against an f16 cache, q is rounded to f16 for q . k (as ggml computes it).
 void attention(Isa isa, const Attention& a, int n_threads);
 
-// out = relu(gate)^2 * up (relu2) or gate / (1 + exp(-gate)) * up (SiLU), n elements.
-void gated(Isa isa, const float* gate, const float* up, int64_t n, bool relu2, float* out, int n_threads);
+// The FFN gate: relu(g)^2, g * sigmoid(g) (SiLU), or GELU's tanh approximation
+// 0.5 g (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2 / pi) (g + 0.044715 g^3).
+enum class Activation { relu2, silu, gelu_tanh };
+bool activation_named(const std::string& name, Activation* activation);
+
+// out = act(gate) * up, n elements.
+void gated(Isa isa, const float* gate, const float* up, int64_t n, Activation act, float* out, int n_threads);
 
 // q = x / dx rounded to nearest (even), dx = max |x| / 32767 (0 for x = 0), returned: the
 // activations of a quantized LM head.

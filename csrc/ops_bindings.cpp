@@ -113,7 +113,7 @@ void register_ops(nb::module_& m) {
   "Writes k, v [T, Hkv, D] (float32) into cache rows start_position .. start_position + T - 1.");
 
   m.def("attention", [](nb::handle q_, nb::handle cache_k_, nb::handle cache_v_, nb::handle positions_,
-                        const std::string& isa, int n_threads) {
+                        const std::string& isa, int n_threads, double scale, int64_t window) {
     const ops::Isa set = ops::isa_named(isa);
     check_threads(n_threads);
     const Input cache_k = input(cache_k_, "cache_k"), cache_v = input(cache_v_, "cache_v"), q = input(q_, "q");
@@ -129,30 +129,34 @@ void register_ops(nb::module_& m) {
       if (pos[t] < 0 || pos[t] >= n_ctx)
         fail("positions[" + str(t) + "]=" + str(pos[t]) + " is past the cache (n_ctx=" + str(n_ctx) + ")");
     auto out = new_array<float>({size_t(T), size_t(Hq * D)});
-    const ops::Attention a{qp, cache_k.data(), cache_v.data(), f16, pos, T, Hq, Hkv, D, out.data()};
+    if (!(scale >= 0) || !std::isfinite(scale) || window < 0) fail("scale and window must be finite and >= 0");
+    const ops::Attention a{qp, cache_k.data(), cache_v.data(), f16, pos, T, Hq, Hkv, D, out.data(), scale, window};
     nb::gil_scoped_release release;
     ops::attention(set, a, n_threads);
     return out;
   }, nb::arg("q"), nb::arg("cache_k"), nb::arg("cache_v"), nb::arg("positions"), nb::arg("isa"),
-  nb::arg("n_threads") = 1,
-  "Causal GQA: q [T, Hq, D] at positions [T] over cache rows 0..position; returns [T, Hq * D].");
+  nb::arg("n_threads") = 1, nb::arg("scale") = 0.0, nb::arg("window") = 0,
+  "Causal GQA: q [T, Hq, D] at positions [T] over cache rows 0..position (the last `window` of them,\n"
+  "if > 0), q . k scaled by `scale` (0: 1 / sqrt(D)); returns [T, Hq * D].");
 
   m.def("gated", [](nb::handle gate_, nb::handle up_, const std::string& activation, const std::string& isa,
                     int n_threads) {
     const ops::Isa set = ops::isa_named(isa);
     check_threads(n_threads);
-    if (activation != "relu2" && activation != "silu")
-      fail("activation must be 'relu2' or 'silu', got '" + activation + "'");
+    ops::Activation act;
+    if (!ops::activation_named(activation, &act))
+      fail("activation must be 'relu2', 'silu' or 'gelu_tanh', got '" + activation + "'");
     const Input gate = input(gate_, "gate"), up = input(up_, "up");
     const int64_t T = dim(gate, "gate", 2, 0), F = int64_t(gate.shape(1));
     const float* gp = static_cast<const float*>(check(gate, "gate", {kF32}, {T, F}));
     const float* up_p = static_cast<const float*>(check(up, "up", {kF32}, {T, F}));
     auto out = new_array<float>({size_t(T), size_t(F)});
     nb::gil_scoped_release release;
-    ops::gated(set, gp, up_p, T * F, activation == "relu2", out.data(), n_threads);
+    ops::gated(set, gp, up_p, T * F, act, out.data(), n_threads);
     return out;
   }, nb::arg("gate"), nb::arg("up"), nb::arg("activation"), nb::arg("isa"), nb::arg("n_threads") = 1,
-  "relu(gate)^2 * up ('relu2') or gate / (1 + exp(-gate)) * up ('silu'), in float32.");
+  "act(gate) * up in float32: act relu(g)^2 ('relu2'), g * sigmoid(g) ('silu') or GELU's tanh\n"
+  "approximation ('gelu_tanh').");
 
   m.def("head_matmul", [](nb::handle x_, nb::handle weight_, int64_t vocab, const std::string& type_name,
                           const std::string& isa, int n_threads) {

@@ -153,7 +153,7 @@ def test_near_ties_do_not_hide_the_old_bug(model, replays):
     config, tensors = model
     plain = reference.attention
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reference, "attention", lambda q, k, v, positions, q_f16=False: plain(q, k, v, positions))
+        mp.setattr(reference, "attention", lambda q, k, v, positions, q_f16=False, **kw: plain(q, k, v, positions, **kw))
         logits = reference.forward(config, tensors, np.array(sequences()["en64"]), kv_type="f16")
     scale = np.abs(bitnet_cpp("en64")).max()
     assert explain(logits, replays["en64"], scale) is None

@@ -48,7 +48,7 @@ def test_weight_layouts_give_the_same_logits(tmp_path, ternary_type):
     export.write_gguf_model(path, *loader.load_hf(directory), ternary_type=ternary_type)
     config, tensors, _ = loader.load(path)
     engines = {layout: Engine(config, tensors, weight_layout=layout) for layout in ("tiles", "tiles5")}
-    assert {m.layout for m in vars(engines["tiles5"].layers[0]).values() if hasattr(m, "layout")} == {"tiles5"}
+    assert {m.layout for m in engines["tiles5"].layers[0].matrices} == {"tiles5"}
     np.testing.assert_array_equal(full_forward(engines["tiles"], TOKENS), full_forward(engines["tiles5"], TOKENS))
 
 
@@ -134,16 +134,18 @@ def test_native_step_refuses_matrices_that_do_not_fit(tmp_path, key, shape):
     through: a matrix with the wrong K would read past the step's activation buffers."""
     directory = write_bitnet(tmp_path / "hf", "autobitlinear", hidden_size=256, intermediate_size=512)
     engine = Engine(*loader.load_hf(directory))
-    layers = [dict(vars(layer)) for layer in engine.layers]
-    layers[0][key] = TernaryMatrix(np.ones(shape, np.int8), np.ones(shape[0], np.float32))
     c = engine.config
+    layers = [layer.norms | {"qkv": layer.qkv, "attn_output": layer.attn_output, "gate_up": layer.gate_up,
+                             "ffn_down": layer.ffn_down, "theta": c.rope_theta, "window": 0} for layer in engine.layers]
     dims = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
-            "head_dim": c.head_dim, "vocab": c.vocab_size, "eps": c.norm_eps, "theta": c.rope_theta,
-            "neox": True, "relu2": True}
+            "head_dim": c.head_dim, "vocab": c.vocab_size, "eps": c.norm_eps, "attention_scale": c.attention_scale,
+            "neox": True, "activation": "relu2", "embedding_scale": 1.0}
     args = (engine.embedding.data, engine.embedding.type, engine.head.data, engine.head.type,
             np.ones(c.hidden_size, np.float32))
-    _native.Model(dims, [dict(vars(layer)) for layer in engine.layers], *args)  # the model as it is builds
-    with pytest.raises(ValueError, match=f"{key}: .* does not fit the model"):
+    _native.Model(dims, layers, *args)  # the model as it is builds
+    norm = layers[0][key][0][0]
+    layers[0][key] = [(norm, TernaryMatrix(np.ones(shape, np.int8), np.ones(shape[0], np.float32)))]
+    with pytest.raises(ValueError, match=f"{key}: "):
         _native.Model(dims, layers, *args)
 
 

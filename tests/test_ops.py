@@ -231,8 +231,8 @@ def test_gated_matches_reference(isa, activation, tokens, f, magnitude, seed):
         expected = reference.gated(gate, up, activation)
     if activation == "relu2":  # the same float32 operations in the same order
         np.testing.assert_array_equal(out, expected)
-    else:
-        np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-30)
+    else:  # GELU's exponent -2u (~ -20 at g = -5) is a float32 cubic, as in torch: 1e-7 of it is 2e-6 of e^-2u
+        np.testing.assert_allclose(out, expected, rtol=1e-5 if activation == "gelu_tanh" else 2e-6, atol=1e-30)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -20,7 +20,7 @@ from .kernels import default_isa, default_threads
 
 WEIGHT_TYPES: dict[str, tuple[int, int]] = {  # type: (elements, bytes) per block
     "F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q6_K": (256, 210)}
-ACTIVATIONS = ("relu2", "silu")
+ACTIVATIONS = ("relu2", "silu", "gelu_tanh")
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, isa: str | None = None,
@@ -59,23 +59,26 @@ def store_kv(cache_k: np.ndarray, cache_v: np.ndarray, k: np.ndarray, v: np.ndar
 
 
 def attention(q: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, positions, *,
-              isa: str | None = None, n_threads: int | None = None) -> np.ndarray:
+              scale: float = 0.0, window: int = 0, isa: str | None = None,
+              n_threads: int | None = None) -> np.ndarray:
     """Causal grouped-query attention; returns float32 [T, n_heads * head_dim].
 
     q [T, n_heads, head_dim] holds the (rotated) queries of tokens at `positions`; query head h
     reads KV head h // (n_heads / n_kv_heads). The query at position p attends cache rows 0..p
-    with scale 1/sqrt(head_dim): those rows must already be stored (`store_kv`), the token's own
-    included. Softmax is in float32, shifted by the row maximum.
+    (with a window, only the last `window` of them) with scale `scale` (0: 1/sqrt(head_dim)):
+    those rows must already be stored (`store_kv`), the token's own included. Softmax is in
+    float32, shifted by the row maximum.
     """
     return _native.attention(np.asarray(q), np.asarray(cache_k), np.asarray(cache_v),
                              _int32(positions, "positions"), isa or default_isa(),
-                             n_threads or default_threads())
+                             n_threads or default_threads(), scale, window)
 
 
 def gated(gate: np.ndarray, up: np.ndarray, activation: str, *, isa: str | None = None,
           n_threads: int | None = None) -> np.ndarray:
     """The gated FFN activation in float32 (relu² overflows fp16): relu(gate)² * up for
-    "relu2" (BitNet b1.58), gate / (1 + exp(-gate)) * up for "silu". [T, F] or [F]."""
+    "relu2" (BitNet b1.58), gate / (1 + exp(-gate)) * up for "silu", GELU's tanh approximation
+    times up for "gelu_tanh" (Gemma). [T, F] or [F]."""
     gate, up = np.asarray(gate), np.asarray(up)
     one = gate.ndim == 1 and up.ndim == 1
     out = _native.gated(gate[None] if one else gate, up[None] if one else up, activation,

@@ -95,8 +95,8 @@ def write_dummy(path, preset: str | ModelConfig = "2B4T", *, arch: str = "bitnet
               "attn_output": (c.hidden_size, q), "ffn_gate": (c.intermediate_size, c.hidden_size),
               "ffn_up": (c.intermediate_size, c.hidden_size), "ffn_down": (c.hidden_size, c.intermediate_size)}
     norms = {"attn_norm": c.hidden_size, "ffn_norm": c.hidden_size}
-    if c.sub_norms:
-        norms |= {"attn_sub_norm": c.hidden_size, "ffn_sub_norm": c.intermediate_size}
+    if c.architecture.has("attn_sub_norm"):
+        norms |= {"attn_sub_norm": c.n_heads * c.head_dim, "ffn_sub_norm": c.intermediate_size}
     tensors = [("token_embd.weight", TensorType[embedding_type], (c.vocab_size, c.hidden_size),
                 lambda: random_embedding(embedding_type, c.vocab_size, c.hidden_size, rng)),
                ("output_norm.weight", TensorType.F32, (c.hidden_size,), lambda: np.ones(c.hidden_size, np.float32))]

@@ -42,8 +42,7 @@ def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 
             row["read_gbps"] = bandwidth / 1e9
             row["step_ms"] = {op: (t - before[op]) * 1e3 / (repeats * n_gen) for op, t in engine.op_seconds().items()}
             rows.append(row)
-    layouts = sorted({m.layout for layer in engine.layers for m in (layer.qkv, layer.attn_output, layer.gate_up,
-                                                                      layer.ffn_down)})
+    layouts = sorted({m.layout for layer in engine.layers for m in layer.matrices})
     return {"model": str(path), "arch": config.arch, "weight_layout": "+".join(layouts),
             "decode_mb_per_token": engine.decode_bytes / 1e6, "head_mb": engine.head.nbytes / 1e6,
             "load_seconds": load_seconds, "peak_rss_mb": _peak_rss_mb(), "rows": rows}

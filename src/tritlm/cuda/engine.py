@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from ..models.config import ModelConfig
-from ..runtime.engine import STACKS, Engine, Sequence
+from ..runtime.engine import GROUPS, Engine, Sequence
 from . import kernels as K
 
 KV_DTYPES = {"f16": torch.float16, "f32": torch.float32}
+# the families whose block this step runs: BitNet's (sub-norms before o and down) and plain Llama's
+CUDA_FAMILIES = ("bitnet-b1.58", "bitnet", "llama")
 
 
 @dataclass
@@ -96,6 +98,9 @@ class CudaEngine(Engine):
             raise ValueError(f"kv_type must be one of {', '.join(KV_DTYPES)}, got {kv_type!r}")
         if config.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {config.head_dim}")
+        if config.family not in CUDA_FAMILIES:
+            raise ValueError(f"the {config.family} architecture does not run on CUDA yet; it runs on the CPU "
+                             f"(CUDA: {', '.join(CUDA_FAMILIES)})")
         self.config = config
         self.n_ctx = n_ctx or config.context_length
         if not 0 < self.n_ctx <= config.context_length:
@@ -115,7 +120,7 @@ class CudaEngine(Engine):
         self.layers = []
         for i in range(config.n_layers):
             matrices = {key: _matrix([tensors[f"blk.{i}.{n}"] for n in names], f"blk.{i}.{key}", dev)
-                        for key, names in STACKS.items()}
+                        for key, names in GROUPS.items()}
             norms = {n: None if tensors.get(f"blk.{i}.{n}") is None else floats(tensors[f"blk.{i}.{n}"])
                      for n in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")}
             self.layers.append(Layer(**norms, **matrices))

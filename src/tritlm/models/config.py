@@ -6,28 +6,19 @@ import math
 import numbers
 from dataclasses import dataclass
 
-# GGUF architecture names tritlm runs, and the family each belongs to
-ARCHITECTURES = {
-    "bitnet-b1.58": "bitnet-b1.58",  # BitNet-b1.58-2B-4T
-    "bitnet-25": "bitnet-b1.58",  # older uploads of the same model
-    "bitnet": "bitnet",  # 1bitLLM bitnet_b1_58-large / -3B, dummy models
-    "llama": "llama",  # Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E
-}
+from .arch import Architecture
+from .families import BY_GGUF_ARCH
+
+
+def architecture_of(arch: str) -> Architecture:
+    if not isinstance(arch, str) or arch not in BY_GGUF_ARCH:
+        raise ValueError(f"unsupported architecture {short(arch)}; supported: {', '.join(BY_GGUF_ARCH)}")
+    return BY_GGUF_ARCH[arch]
+
 
 # The largest size (tokens, width, layers, context, heads x head_dim) a configuration may have:
 # far above any model, and small enough that the sizes computed from them stay exact and cheap.
 MAX_SIZE = 1 << 24
-
-
-def family_of(arch: str) -> str:
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {short(arch)}; supported: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch]
-
-
-def activation_of(arch: str) -> str:
-    """The FFN gate: relu(gate)^2 * up for BitNet b1.58 2B4T, silu(gate) * up otherwise."""
-    return "relu2" if family_of(arch) == "bitnet-b1.58" else "silu"
 
 
 def short(value) -> str:
@@ -72,7 +63,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # a key of ARCHITECTURES
+    arch: str  # a GGUF architecture name (families.BY_GGUF_ARCH)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -89,9 +80,14 @@ class ModelConfig:
     # how an embedding is pooled from the final hidden states: "mean" over the tokens, or the
     # "last" token's (the BitNet embedding models)
     pooling: str = "mean"
+    embedding_only: bool = False  # a text-embedding model: its files carry no LM head to generate with
+    attention_scale: float = 0.0  # q . k is scaled by this; 0: 1 / sqrt(head_dim)
+    sliding_window: int = 0  # keys a sliding layer's query sees (itself and the window - 1 before)
+    sliding_layers: tuple[int, ...] = ()  # the layers that attend to a sliding window
+    rope_theta_sliding: float = 0.0  # RoPE theta of the sliding layers; 0: rope_theta
 
     def __post_init__(self):
-        family_of(self.arch)
+        architecture_of(self.arch)
         # every size is checked before anything is sized by it
         for name in SIZES:
             self._size(name, lowest=0 if name == "head_dim" else 1)
@@ -113,8 +109,22 @@ class ModelConfig:
             raise ConfigError("rope_style", self.rope_style, "must be 'neox' or 'norm'")
         if self.pooling not in ("mean", "last"):
             raise ConfigError("pooling", self.pooling, "must be 'mean' or 'last'")
-        if not isinstance(self.tied_embeddings, bool):
-            raise ConfigError("tied_embeddings", self.tied_embeddings, "must be true or false")
+        for name in ("tied_embeddings", "embedding_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "must be true or false")
+        self._number("attention_scale", lambda x: x >= 0, "must be a finite number >= 0")
+        if not self.attention_scale:
+            self._set("attention_scale", 1 / math.sqrt(self.head_dim))
+        self._size("sliding_window", lowest=0)
+        layers = tuple(self.sliding_layers)
+        if not all(is_kind(i, int) and 0 <= i < self.n_layers for i in layers) or len(set(layers)) != len(layers):
+            raise ConfigError("sliding_layers", self.sliding_layers, f"must be distinct layers of 0..{self.n_layers - 1}")
+        if layers and not self.sliding_window:
+            raise ConfigError("sliding_window", self.sliding_window, "must be positive where layers slide")
+        self._set("sliding_layers", tuple(sorted(int(i) for i in layers)))
+        if not self.rope_theta_sliding:
+            self._set("rope_theta_sliding", self.rope_theta)
+        self._number("rope_theta_sliding", lambda x: x > 1, "must be a finite number above 1")
 
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
@@ -136,14 +146,20 @@ class ModelConfig:
         self._set(name, x)
 
     @property
+    def architecture(self) -> Architecture:
+        return architecture_of(self.arch)
+
+    @property
     def family(self) -> str:
-        return family_of(self.arch)
+        return self.architecture.family
 
     @property
     def activation(self) -> str:
-        return activation_of(self.arch)
+        return self.architecture.activation
 
-    @property
-    def sub_norms(self) -> bool:
-        """BitNet blocks normalize the attention output and the FFN product before projecting."""
-        return self.family in ("bitnet-b1.58", "bitnet")
+    def window(self, layer: int) -> int:
+        """Keys a query of `layer` sees at most (0: all before it)."""
+        return self.sliding_window if layer in self.sliding_layers else 0
+
+    def theta(self, layer: int) -> float:
+        return self.rope_theta_sliding if layer in self.sliding_layers else self.rope_theta

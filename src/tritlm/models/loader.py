@@ -9,6 +9,7 @@ C++ ops read them); norms as float32 arrays."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -22,9 +23,10 @@ from ..formats.gguf import GGUFFile
 from ..formats.region import FileRegion
 from ..formats.hf import HFCheckpoint, is_hf_directory
 from ..quant import blocks, layouts, ternarize
-from .config import ConfigError, ModelConfig, activation_of, checked, family_of, short
+from .arch import _KV, _Q, LAYER_SHAPES, PROJECTIONS, TOP_SHAPES, Architecture
+from .config import ConfigError, ModelConfig, architecture_of, checked, is_kind, short
 
-TERNARY_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+TERNARY_TENSORS = PROJECTIONS
 
 
 @dataclass
@@ -122,32 +124,20 @@ class FloatMatrix:
         return dequantize(data, shape)
 
 
-# Hugging Face name (after `model.`) -> GGUF name; both spellings of the BitNet sub-norms
-HF_NAMES = {
-    r"embed_tokens": "token_embd",
-    r"norm": "output_norm",
-    r"layers\.(\d+)\.input_layernorm": r"blk.\1.attn_norm",
-    r"layers\.(\d+)\.self_attn\.q_proj": r"blk.\1.attn_q",
-    r"layers\.(\d+)\.self_attn\.k_proj": r"blk.\1.attn_k",
-    r"layers\.(\d+)\.self_attn\.v_proj": r"blk.\1.attn_v",
-    r"layers\.(\d+)\.self_attn\.o_proj": r"blk.\1.attn_output",
-    r"layers\.(\d+)\.self_attn\.(?:attn_sub_norm|inner_attn_ln)": r"blk.\1.attn_sub_norm",
-    r"layers\.(\d+)\.post_attention_layernorm": r"blk.\1.ffn_norm",
-    r"layers\.(\d+)\.mlp\.gate_proj": r"blk.\1.ffn_gate",
-    r"layers\.(\d+)\.mlp\.up_proj": r"blk.\1.ffn_up",
-    r"layers\.(\d+)\.mlp\.down_proj": r"blk.\1.ffn_down",
-    r"layers\.(\d+)\.mlp\.(?:ffn_sub_norm|ffn_layernorm)": r"blk.\1.ffn_sub_norm",
-}
+HF_TOP = {"embed_tokens": "token_embd", "norm": "output_norm"}  # Hugging Face name (after `model.`) -> GGUF
+_HF_LAYER = re.compile(r"layers\.(0|[1-9][0-9]{0,7})\.(.+)")
 
 
-def gguf_name(hf_name: str) -> str | None:
+def gguf_name(hf_name: str, arch: Architecture) -> str | None:
+    """The GGUF name of a Hugging Face tensor (without `.weight`) in `arch`, or None."""
     if hf_name == "lm_head":
         return "output"
     stem = hf_name.removeprefix("model.")
-    for pattern, replacement in HF_NAMES.items():
-        if re.fullmatch(pattern, stem):
-            return re.sub(pattern, replacement, stem)
-    return None
+    layer = _HF_LAYER.fullmatch(stem)
+    if layer is None:
+        return HF_TOP.get(stem)
+    names = {hf: gguf for gguf, hf in arch.tensors.items()} | arch.hf_aliases
+    return f"blk.{layer[1]}.{names[layer[2]]}" if layer[2] in names else None
 
 
 # ModelConfig field -> its key in config.json, and in GGUF metadata (after "{arch}.")
@@ -174,7 +164,15 @@ def _model_config(where: str, keys: Mapping[str, str], **values) -> ModelConfig:
         raise ValueError(f"{where}: {key} = {short(e.value)}: {e.problem}") from None
 
 
-def hf_config(config: dict, where: str = "config.json") -> ModelConfig:
+# Hugging Face activation names -> the description's
+HF_ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# sentence-transformers pooling modes -> ModelConfig.pooling
+POOLING_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
+GEMMA3_WINDOW_EVERY = 6  # Gemma3: five sliding-window layers, then one full; its default pattern
+
+
+def hf_config(config: dict, where: str = "config.json", pooling: str | None = None) -> ModelConfig:
+    """pooling: a sentence-transformers model's ("last" or "mean"), which makes it an embedding model."""
     checked(config, dict, where)
 
     def get(key, kind=None, default=None, within=config):  # null counts as absent, as in transformers
@@ -185,19 +183,23 @@ def hf_config(config: dict, where: str = "config.json") -> ModelConfig:
 
     quant = get("quantization_config", dict, {})
     model_type, architectures = get("model_type", str), get("architectures", list, [])
+    act_key = "hidden_activation" if model_type == "gemma3_text" else "hidden_act"
     if model_type == "bitnet":  # the activation tells 2B4T's block from 1bitLLM's
-        activation = get("hidden_act", str, "relu2")
+        activation = get(act_key, str, "relu2")
         arch = {"relu2": "bitnet-b1.58", "silu": "bitnet"}.get(activation)
     elif "BitnetForCausalLM" in architectures:  # 1bitLLM's own modelling code
-        activation, arch = get("hidden_act", str, "silu"), "bitnet"
+        activation, arch = get(act_key, str, "silu"), "bitnet"
     elif model_type == "llama" and quant.get("quant_method") == "bitnet":
-        activation, arch = get("hidden_act", str, "silu"), "llama"
+        activation, arch = get(act_key, str, "silu"), "llama"
+    elif model_type in ("qwen3", "gemma3_text"):  # BitNet-embedding: told apart from float models by their tensors
+        activation, arch = get(act_key, str, "silu" if model_type == "qwen3" else "gelu_pytorch_tanh"), model_type[:6]
     else:
         raise ValueError(f"unsupported Hugging Face model (model_type={short(model_type)}, "
                          f"architectures={short(architectures)}); supported: BitNet (transformers' "
-                         "BitNetForCausalLM), 1bitLLM BitnetForCausalLM, Llama with bitnet quantization")
-    if arch is None or activation != activation_of(arch):
-        raise ValueError(f"{where}: hidden_act {short(activation)} is not supported for "
+                         "BitNetForCausalLM), 1bitLLM BitnetForCausalLM, Llama with bitnet quantization, "
+                         "BitNet-embedding (qwen3, gemma3_text)")
+    if arch is None or HF_ACTIVATIONS.get(activation) != architecture_of(arch).activation:
+        raise ValueError(f"{where}: {act_key} {short(activation)} is not supported for "
                          f"model_type {short(model_type)}")
     if quant.get("use_rms_norm"):
         raise ValueError("bitnet quantization_config.use_rms_norm is not supported yet")
@@ -207,14 +209,36 @@ def hf_config(config: dict, where: str = "config.json") -> ModelConfig:
     rope = get("rope_parameters", dict, {})
     in_rope = rope.get("rope_theta") is not None  # (transformers' newer place for it)
     keys = HF_KEYS | ({"rope_theta": "rope_parameters.rope_theta"} if in_rope else {})
-    n_heads = get("num_attention_heads")
+    n_heads, n_layers = get("num_attention_heads"), get("num_hidden_layers")
+    options = {}
+    layer_types = get("layer_types", list, [])
+    if arch == "gemma3":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if get(key) is not None:
+                raise ValueError(f"{where}: {key} is not supported")
+        if get("use_bidirectional_attention", bool, False):
+            raise ValueError(f"{where}: bidirectional attention is not supported")
+        if not layer_types and is_kind(n_layers, int):
+            every = get("sliding_window_pattern", int, GEMMA3_WINDOW_EVERY)
+            layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
+        head_dim = get("head_dim", default=256)
+        theta_of = {kind: get("rope_theta", default=None, within=get(kind, dict, {}, rope))
+                    for kind in ("full_attention", "sliding_attention")}
+        options = dict(attention_scale=get("query_pre_attn_scalar", float, head_dim) ** -0.5,
+                       sliding_window=get("sliding_window", int, 4096),
+                       sliding_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention"),
+                       rope_theta_sliding=theta_of["sliding_attention"] or get("rope_local_base_freq", default=10000.0))
+        if theta_of["full_attention"]:
+            rope, in_rope = {"rope_theta": theta_of["full_attention"]}, True
+    elif "sliding_attention" in layer_types:
+        raise ValueError(f"{where}: sliding-window attention is not supported for model_type {short(model_type)}")
     return _model_config(
         where, keys,
         arch=arch,
         vocab_size=get("vocab_size"),
         hidden_size=get("hidden_size"),
         intermediate_size=get("intermediate_size"),
-        n_layers=get("num_hidden_layers"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads", default=n_heads),
         context_length=get("max_position_embeddings", default=2048),
@@ -223,26 +247,18 @@ def hf_config(config: dict, where: str = "config.json") -> ModelConfig:
         head_dim=get("head_dim", default=0),
         rope_style="neox",  # transformers rotates halves
         tied_embeddings=get("tie_word_embeddings", default=False),
+        pooling=pooling or "mean", embedding_only=pooling is not None,
+        **options,
     )
 
 
-# Each tensor's shape in the sizes of the configuration (NumPy order: [out, in] for matrices)
-_Q, _KV = "n_heads*head_dim", "n_kv_heads*head_dim"
-TOP_SHAPES = {"token_embd": ("vocab_size", "hidden_size"), "output_norm": ("hidden_size",),
-              "output": ("vocab_size", "hidden_size")}
-LAYER_SHAPES = {"attn_norm": ("hidden_size",), "attn_q": (_Q, "hidden_size"),
-                "attn_k": (_KV, "hidden_size"), "attn_v": (_KV, "hidden_size"),
-                "attn_output": ("hidden_size", _Q), "attn_sub_norm": (_Q,),
-                "ffn_norm": ("hidden_size",), "ffn_gate": ("intermediate_size", "hidden_size"),
-                "ffn_up": ("intermediate_size", "hidden_size"),
-                "ffn_down": ("hidden_size", "intermediate_size"), "ffn_sub_norm": ("intermediate_size",)}
 _LAYER_TENSOR = re.compile(r"blk\.(0|[1-9][0-9]{0,7})\.(\w+)")
 
 
 def _needed(config: ModelConfig) -> tuple[list[str], list[str]]:
     """The tensors `config` needs: outside the layers, and in each layer."""
     top = ["token_embd", "output_norm"] + ([] if config.tied_embeddings else ["output"])
-    return top, [k for k in LAYER_SHAPES if config.sub_norms or not k.endswith("sub_norm")]
+    return top, list(config.architecture.tensors)
 
 
 def required_tensors(config: ModelConfig) -> Iterator[str]:
@@ -258,7 +274,7 @@ def check_shapes(config: ModelConfig, shapes: Mapping[str, tuple]) -> None:
     a buffer), before anything is built from them. An unknown tensor is an error too: it would be
     part of the model (a bias, RoPE factors, another layer) that tritlm leaves out."""
     c = config
-    sizes = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+    sizes = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "head_dim": c.head_dim,
              "intermediate_size": c.intermediate_size, _Q: c.n_heads * c.head_dim,
              _KV: c.n_kv_heads * c.head_dim}
     top, per_layer = _needed(c)
@@ -288,10 +304,13 @@ def check_shapes(config: ModelConfig, shapes: Mapping[str, tuple]) -> None:
                          + (" ..." if n_needed - len(shapes) > 8 else ""))
 
 
-def _norm(name: str, array: np.ndarray) -> np.ndarray:
+def _norm(name: str, array: np.ndarray, config: ModelConfig, target: str) -> np.ndarray:
+    """A norm's weight as the engine multiplies by it: 1 + w for the norms Gemma stores as w."""
     norm = np.array(array, dtype=np.float32)  # a copy: the file's memory map closes
     if not np.isfinite(norm).all():
         raise ValueError(f"tensor {name}: a norm weight is not finite")
+    if target.rsplit(".", 1)[-1] in config.architecture.offset_norms:
+        norm += np.float32(1)
     return norm
 
 
@@ -323,21 +342,42 @@ def _hf_redundant(name: str, config: ModelConfig) -> bool:
     weight), RoPE's inverse frequencies (computed), and the output head when the embeddings are
     tied (transformers replaces it with the embedding)."""
     if name.endswith(".weight_scale"):
-        target = gguf_name(name.removesuffix(".weight_scale"))
+        target = gguf_name(name.removesuffix(".weight_scale"), config.architecture)
         return target is not None and target.rsplit(".", 1)[-1] in TERNARY_TENSORS
     return name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight" and config.tied_embeddings
+
+
+def sentence_pooling(directory) -> str | None:
+    """The pooling of a sentence-transformers model (its modules.json names a Pooling module),
+    or None for a model without one."""
+    path = os.path.join(directory, "modules.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        modules = checked(json.load(f), list, path)
+    for module in modules:
+        if is_kind(module, dict) and str(module.get("type", "")).endswith("Pooling"):
+            pooling_path = os.path.join(directory, str(module.get("path", "")), "config.json")
+            with open(pooling_path, encoding="utf-8") as f:
+                modes = checked(json.load(f), dict, pooling_path)
+            chosen = [mode for mode, on in modes.items() if mode.startswith("pooling_mode") and on is True]
+            if len(chosen) != 1 or chosen[0] not in POOLING_MODES:
+                raise ValueError(f"{pooling_path}: pooling {short(chosen)} is not supported; supported: "
+                                 f"{', '.join(POOLING_MODES)}")
+            return POOLING_MODES[chosen[0]]
+    return None
 
 
 def load_hf(directory) -> tuple[ModelConfig, dict]:
     ckpt = HFCheckpoint(directory)
     try:
-        config = hf_config(ckpt.config, os.path.join(directory, "config.json"))
+        config = hf_config(ckpt.config, os.path.join(directory, "config.json"), sentence_pooling(directory))
         sources, shapes = {}, {}  # GGUF name -> Hugging Face name, and its shape
         for name in ckpt.names:
             if _hf_redundant(name, config):
                 continue
             stem = name.removesuffix(".weight")
-            target = gguf_name(stem) if name.endswith(".weight") else None
+            target = gguf_name(stem, config.architecture) if name.endswith(".weight") else None
             info = ckpt.info(name)
             if target is None:
                 shapes[name] = info.shape  # unknown: check_shapes names it
@@ -353,6 +393,9 @@ def load_hf(directory) -> tuple[ModelConfig, dict]:
                 raise ValueError(f"{name}: packed ternary weights are [rows/4, columns], got {info.shape}")
             sources[target] = stem
             shapes[target] = (4 * info.shape[0], info.shape[1]) if packed else info.shape
+        if config.family in ("qwen3", "gemma3") and "blk.0.attn_q_norm_in" not in shapes:
+            raise ValueError(f"{directory}: a float {config.family} model; tritlm runs ternary models, of this "
+                             "family BitNet-embedding (BitLinear projections, each with its own input norm)")
         check_shapes(config, shapes)
         quant = ckpt.config.get("quantization_config") or {}
         tensors = {}
@@ -363,31 +406,47 @@ def load_hf(directory) -> tuple[ModelConfig, dict]:
             elif target in ("token_embd", "output"):
                 tensors[target] = FloatMatrix.from_array(ckpt.array(f"{stem}.weight"))
             else:
-                tensors[target] = _norm(f"{stem}.weight", ckpt.array(f"{stem}.weight"))
+                tensors[target] = _norm(f"{stem}.weight", ckpt.array(f"{stem}.weight"), config, target)
         return config, tensors
     finally:
         ckpt.close()
+
+
+# llama.cpp's pooling types (`{arch}.pooling_type`) -> ModelConfig.pooling; 0 is none
+GGUF_POOLING = {1: "mean", 3: "last"}
+# bitnet.cpp's Gemma3 converter writes no sliding window: that of Gemma3 270M, which it converts
+GEMMA3_GGUF_WINDOW = 512
 
 
 def gguf_config(metadata: dict, tensor_names, where: str = "GGUF metadata") -> ModelConfig:
     if "general.architecture" not in metadata:
         raise ValueError(f"{where} lacks general.architecture")
     arch = metadata["general.architecture"]
-    family_of(arch)  # unsupported architectures stop here, with the list of supported ones
+    description = architecture_of(arch)  # unsupported architectures stop here, with the list of supported ones
     keys = {field: f"{arch}.{key}" for field, key in GGUF_KEYS.items()}
     values = {field: metadata.get(key) for field, key in keys.items()}
     tokens = metadata.get("tokenizer.ggml.tokens")
     if tokens is not None:
         checked(tokens, list, f"{where}: tokenizer.ggml.tokens")
     defaults = {"vocab_size": None if tokens is None else len(tokens), "n_kv_heads": values["n_heads"],
-                "rope_theta": 10000.0, "head_dim": 0}
+                "rope_theta": 10000.0, "head_dim": metadata.get(f"{arch}.attention.key_length", 0)}
     values |= {field: default for field, default in defaults.items() if values[field] is None}
+    pooling = metadata.get(f"{arch}.pooling_type", 0)
+    if pooling and pooling not in GGUF_POOLING:
+        raise ValueError(f"{where}: {arch}.pooling_type = {short(pooling)} is not supported; supported: "
+                         + ", ".join(f"{k} ({v})" for k, v in GGUF_POOLING.items()))
+    options = {}
+    if arch == "gemma3":
+        n_layers = values["n_layers"] if is_kind(values["n_layers"], int) else 0
+        options = dict(sliding_window=metadata.get(f"{arch}.attention.sliding_window", GEMMA3_GGUF_WINDOW),
+                       sliding_layers=tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_WINDOW_EVERY),
+                       rope_theta_sliding=10000.0)
+        keys |= {"sliding_window": f"{arch}.attention.sliding_window"}
     config = _model_config(
-        where, keys, arch=arch, **values,
-        # llama.cpp rotates (2i, 2i+1) for llama, whose converter permutes q and k to match;
-        # the BitNet architectures rotate halves
-        rope_style="norm" if family_of(arch) == "llama" else "neox",
+        where, keys, arch=arch, **values, **options,
+        rope_style=description.rope_style_gguf,
         tied_embeddings="output.weight" not in tensor_names,
+        pooling=GGUF_POOLING.get(pooling, "mean"), embedding_only=bool(pooling),
     )
     if tokens is not None and config.vocab_size != len(tokens):
         raise ValueError(f"{where}: {keys['vocab_size']} = {config.vocab_size}, but "
@@ -419,7 +478,7 @@ def load_gguf(path) -> tuple[ModelConfig, dict, dict]:
             elif stem in ("token_embd", "output"):
                 tensors[stem] = FloatMatrix(f.region(info.name), info.type_name, *info.shape)
             else:
-                tensors[stem] = _norm(info.name, f.tensor_array(info.name))
+                tensors[stem] = _norm(info.name, f.tensor_array(info.name), config, stem)
         return config, tensors, dict(f.metadata)
 
 

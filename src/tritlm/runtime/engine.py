@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import _native, kernels
 from ..kernels import Part, TernaryMatrix
+from ..models.arch import Architecture
 from ..models.config import ModelConfig
 from ..models.loader import FloatMatrix, StoredTernary
 
@@ -27,20 +28,30 @@ KV_DTYPES = {"f16": np.float16, "f32": np.float32}
 
 @dataclass
 class Layer:
-    attn_norm: np.ndarray
-    qkv: TernaryMatrix  # q, k and v stacked: one stream over the weights
-    attn_sub_norm: np.ndarray | None
-    attn_output: TernaryMatrix
-    ffn_norm: np.ndarray
-    gate_up: TernaryMatrix  # gate and up stacked
-    ffn_sub_norm: np.ndarray | None
-    ffn_down: TernaryMatrix
+    """One block's weights as the step streams them (models/arch.py states the block). Each
+    projection group is a list of (input norm or None, matrix): the matrices that read the same
+    input are stacked into one (one stream over the weights, one quantization of the input)."""
+
+    norms: dict[str, np.ndarray]  # attn_norm, ffn_norm, and whichever optional norms the block has
+    qkv: list[tuple[np.ndarray | None, TernaryMatrix]]
+    attn_output: list[tuple[np.ndarray | None, TernaryMatrix]]
+    gate_up: list[tuple[np.ndarray | None, TernaryMatrix]]
+    ffn_down: list[tuple[np.ndarray | None, TernaryMatrix]]
+
+    @property
+    def matrices(self) -> list[TernaryMatrix]:
+        return [m for group in (self.qkv, self.attn_output, self.gate_up, self.ffn_down) for _, m in group]
 
 
-# Each layer's ternary matrices, stacked from these tensors: one stream over the weights for
-# q, k and v, and one for gate and up.
-STACKS = {"qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
+GROUPS = {"qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
           "gate_up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
+BLOCK_NORMS = ("attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+
+
+def stacks(arch: Architecture) -> dict[str, list[tuple[str, ...]]]:
+    """Each group's projections as stacked matrices: all in one, unless each normalizes its input."""
+    return {key: [names] if not any(n in arch.input_norms for n in names) else [(n,) for n in names]
+            for key, names in GROUPS.items()}
 
 
 def _part(name: str, tensor) -> Part:
@@ -112,30 +123,36 @@ class Engine:
         # the file: a buffer per matrix would round each up to whole 2 MiB pages.
         head = tensors["token_embd" if config.tied_embeddings else "output"]
         floats = [head] if config.tied_embeddings else [head, tensors["token_embd"]]
-        stacks = [{key: {f"blk.{i}.{n}": tensors[f"blk.{i}.{n}"] for n in names} for key, names in STACKS.items()}
-                  for i in range(config.n_layers)]
-        layout = {key: weight_layout or kernels.best_layout(self.isa, _stacked_shape(stack)[1])
-                  for key, stack in stacks[0].items()}  # every layer alike
-        nbytes = {key: TernaryMatrix.nbytes_of(_stacked_shape(stack), layout[key]) for key, stack in stacks[0].items()}
-        arena = _Arena([f.nbytes for f in floats] + [nbytes[key] for layer in stacks for key in layer])
+        arch = config.architecture
+        # [(group key, input norm name, {tensor name: tensor})] of each layer, every layer alike
+        plan = [[(key, arch.input_norms.get(names[0]), {f"blk.{i}.{n}": tensors[f"blk.{i}.{n}"] for n in names})
+                 for key, group in stacks(arch).items() for names in group] for i in range(config.n_layers)]
+        layout = [weight_layout or kernels.best_layout(self.isa, _stacked_shape(stack)[1]) for _, _, stack in plan[0]]
+        nbytes = [TernaryMatrix.nbytes_of(_stacked_shape(stack), lay) for (_, _, stack), lay in zip(plan[0], layout)]
+        arena = _Arena([f.nbytes for f in floats] + nbytes * config.n_layers)
         self.weights = arena.buffer  # uint8: every weight a step streams
         self.head = arena.copy_of(head)
         self.embedding = self.head if config.tied_embeddings else arena.copy_of(tensors["token_embd"])
         self.layers = []
-        for i, layer in enumerate(stacks):
-            matrices = {key: TernaryMatrix.stack([_part(n, t) for n, t in stack.items()], layout[key],
-                                                 out=arena.take(nbytes[key]), n_threads=self.n_threads)
-                        for key, stack in layer.items()}
-            norms = {n: tensors.get(f"blk.{i}.{n}") for n in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")}
-            self.layers.append(Layer(**norms, **matrices))
+        for i, layer in enumerate(plan):
+            groups = {key: [] for key in GROUPS}
+            for (key, norm, stack), lay, n in zip(layer, layout, nbytes):
+                matrix = TernaryMatrix.stack([_part(name, t) for name, t in stack.items()], lay, out=arena.take(n),
+                                             n_threads=self.n_threads)
+                groups[key].append((tensors[f"blk.{i}.{norm}"] if norm else None, matrix))
+            norms = {n: tensors[f"blk.{i}.{n}"] for n in BLOCK_NORMS if arch.has(n)}
+            self.layers.append(Layer(norms, **groups))
         c = config
         dims = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.n_heads,
                 "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
-                "eps": c.norm_eps, "theta": c.rope_theta, "neox": c.rope_style == "neox",
-                "relu2": c.activation == "relu2"}
-        self._model = _native.Model(dims, [vars(layer) for layer in self.layers], self.embedding.data,
-                                    self.embedding.type, self.head.data, self.head.type,
-                                    np.ascontiguousarray(tensors["output_norm"], dtype=np.float32))
+                "eps": c.norm_eps, "attention_scale": c.attention_scale, "neox": c.rope_style == "neox",
+                "activation": arch.activation,
+                "embedding_scale": float(np.float32(np.sqrt(c.hidden_size))) if arch.embedding_scale else 1.0}
+        layers = [layer.norms | {"qkv": layer.qkv, "attn_output": layer.attn_output, "gate_up": layer.gate_up,
+                                 "ffn_down": layer.ffn_down, "theta": c.theta(i), "window": c.window(i)}
+                  for i, layer in enumerate(self.layers)]
+        self._model = _native.Model(dims, layers, self.embedding.data, self.embedding.type, self.head.data,
+                                    self.head.type, np.ascontiguousarray(tensors["output_norm"], dtype=np.float32))
 
     def set_threads(self, n_threads: int) -> None:
         if n_threads < 1:
@@ -145,9 +162,7 @@ class Engine:
     @property
     def decode_bytes(self) -> int:
         """Weight bytes one decode step reads: every ternary matrix and the output head."""
-        matrices = [m for layer in self.layers
-                    for m in (layer.qkv, layer.attn_output, layer.gate_up, layer.ffn_down)]
-        return sum(m.nbytes for m in matrices) + self.head.nbytes
+        return sum(m.nbytes for layer in self.layers for m in layer.matrices) + self.head.nbytes
 
     def op_seconds(self) -> dict[str, float]:
         """Seconds the steps so far spent in each kind of op: "ternary" (the ternary matrices and
