@@ -18,21 +18,21 @@ the other way from bitnet.cpp, the reference and the portable kernels, moving ro
 1.6e-2; bitnet.cpp rounds one (layer 1, row 21 of the 64-token sequence) the other way from the
 reference, moving that row by 8.6e-4. So the test finds every such near-tie (within TIE_ULPS) in
 the NumPy reference, replays the reference with each set of up to MAX_FLIPS of them rounded the
-other way, and requires bitnet.cpp and tritlm each to equal one of those replays on every row,
+other way (near_ties.py), and requires bitnet.cpp and tritlm each to equal one of those replays on every row,
 and each other on every row where those two replays agree.
 """
 
-import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import near_ties
+from near_ties import rows_off
 from tritlm import kernels
 from tritlm.models import reference
 from tritlm.models.loader import load_gguf
-from tritlm.quant import quantize_activations, ternary_matmul
 from tritlm.runtime.engine import Engine
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "bitnet-1bitllm"
@@ -42,12 +42,6 @@ pytestmark = pytest.mark.skipif(
     not MODEL.is_file(), reason=f"{FIXTURE} is absent (bitnet.cpp's logits on a tiny 1bitLLM-architecture model)")
 
 TOL = 1e-5  # of max|logit|, per row
-TIE_ULPS = 2  # an activation this close to an int8 rounding boundary may round either way
-MAX_FLIPS = 2  # near-ties rounded the other way at once, at most
-
-# reference.forward's linear calls per layer: q, k, v, o, gate, up, down; the input each
-# quantizes (q, k and v share one, and so do gate and up)
-INPUTS = (0, 0, 0, 1, 2, 2, 3)
 
 
 @pytest.fixture(scope="module")
@@ -64,54 +58,14 @@ def bitnet_cpp(name: str) -> np.ndarray:
     return np.load(FIXTURE / f"bitnetcpp-logits-tiny-bitnet-1bitllm-i2_s-{name}.npy")
 
 
-def replay(model, tokens, flips=()):
-    """The reference's logits (f16 KV cache) with the activations `flips` names (layer, input,
-    token, element) rounded to the other neighbouring integer; and the near-ties it met."""
-    config, tensors = model
-    ties, calls = [], [0]
-
-    def linear(x, weight):
-        i = calls[0]
-        calls[0] += 1
-        site = (i // len(INPUTS), INPUTS[i % len(INPUTS)])
-        q, scale, _ = quantize_activations(np.ascontiguousarray(x, dtype=np.float32))
-        y = x * scale[:, None]  # what was rounded, as quantize_activations computes it
-        off = np.abs(y - np.floor(y) - np.float32(0.5))
-        if i % len(INPUTS) in (0, 3, 4, 6):  # each input once
-            near = off <= TIE_ULPS * np.spacing(np.abs(y))
-            ties.extend((*site, int(t), int(e)) for t, e in zip(*np.nonzero(near)))
-        for layer, input_, t, e in flips:
-            if (layer, input_) == site:
-                q[t, e] += 1 if y[t, e] > q[t, e] else -1
-        return ternary_matmul(weight.ternary, weight.scale, q, scale, q.sum(axis=1, dtype=np.int32))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reference, "linear", linear)
-        logits = reference.forward(config, tensors, np.array(tokens), kv_type="f16")
-    return logits, ties
-
-
 @pytest.fixture(scope="module")
 def replays(model):
-    """name -> {flipped near-ties: the reference's logits}, for no flip and every set of up to
-    MAX_FLIPS of the near-ties the reference meets."""
-    out = {}
-    for name, tokens in sequences().items():
-        plain, ties = replay(model, tokens)
-        assert len(ties) <= 8, f"{name}: {len(ties)} near-ties, too many to replay"
-        out[name] = {(): plain} | {flips: replay(model, tokens, flips)[0]
-                                   for n in range(1, MAX_FLIPS + 1) for flips in itertools.combinations(ties, n)}
-    return out
-
-
-def rows_off(a, b, scale):
-    return np.abs(a - b).max(axis=1) / scale
+    """name -> {flipped near-ties: the reference's logits with an f16 cache}"""
+    return {name: near_ties.replays(*model, tokens, kv_type="f16") for name, tokens in sequences().items()}
 
 
 def explain(logits, runs, scale):
-    """The near-ties whose flipping makes the reference equal `logits` on every row, or None."""
-    best = min(runs, key=lambda flips: rows_off(logits, runs[flips], scale).max())
-    return best if rows_off(logits, runs[best], scale).max() <= TOL else None
+    return near_ties.explain(logits, runs, scale, TOL)
 
 
 def check(name, ours, replays):

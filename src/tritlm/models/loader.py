@@ -414,7 +414,8 @@ def load_hf(directory) -> tuple[ModelConfig, dict]:
 
 # llama.cpp's pooling types (`{arch}.pooling_type`) -> ModelConfig.pooling; 0 is none
 GGUF_POOLING = {1: "mean", 3: "last"}
-# bitnet.cpp's Gemma3 converter writes no sliding window: that of Gemma3 270M, which it converts
+# bitnet.cpp's Gemma3 converter writes no sliding window (nor attention scale, which llama.cpp
+# reads from `attention.scale`): Gemma3 270M's, the model it converts, whose scale is 1 / sqrt(head_dim)
 GEMMA3_GGUF_WINDOW = 512
 
 
@@ -440,8 +441,8 @@ def gguf_config(metadata: dict, tensor_names, where: str = "GGUF metadata") -> M
         n_layers = values["n_layers"] if is_kind(values["n_layers"], int) else 0
         options = dict(sliding_window=metadata.get(f"{arch}.attention.sliding_window", GEMMA3_GGUF_WINDOW),
                        sliding_layers=tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_WINDOW_EVERY),
-                       rope_theta_sliding=10000.0)
-        keys |= {"sliding_window": f"{arch}.attention.sliding_window"}
+                       rope_theta_sliding=10000.0, attention_scale=metadata.get(f"{arch}.attention.scale", 0.0))
+        keys |= {"sliding_window": f"{arch}.attention.sliding_window", "attention_scale": f"{arch}.attention.scale"}
     config = _model_config(
         where, keys, arch=arch, **values, **options,
         rope_style=description.rope_style_gguf,
