@@ -9,6 +9,8 @@ reference up to near-ties rounded the other way (near_ties.py), and wherever tho
 decisions give the same rows, the criteria hold (measured: 1.6e-7 apart; a tie rounded the other
 way moves a row of these tiny models by ~3e-3)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,9 @@ from near_ties import rows_off  # noqa: E402
 from tiny_models import (convert_bitnet_embedding, embedding_hidden_states, relative_error,  # noqa: E402
                          write_bitnet_embedding)
 from tritlm import kernels  # noqa: E402
-from tritlm.models import loader, reference  # noqa: E402
+from tritlm.bench.dummy import write_dummy  # noqa: E402
+from tritlm.models import export, loader, reference  # noqa: E402
+from tritlm.models.config import ModelConfig  # noqa: E402
 from tritlm.runtime.engine import Engine  # noqa: E402
 
 FAMILIES = ("qwen3", "gemma3")
@@ -106,7 +110,6 @@ def test_gemma_window_matters(model):
     if family != "gemma3":
         pytest.skip("Gemma3 slides")
     config, tensors, _ = loader.load(directory)
-    import dataclasses
     full = dataclasses.replace(config, sliding_window=len(TOKENS))
     hidden = reference.forward(full, tensors, np.array(TOKENS), hidden=True)
     assert relative_error(hidden[:8], oracle[:8]) < 1e-3 and relative_error(hidden[8:], oracle[8:]) > 1e-2
@@ -139,3 +142,39 @@ def test_gemma3_config_spellings():
         assert (c.theta(5), c.window(5), c.theta(0), c.window(0)) == (1e6, 0, 1e4, 16)
     with pytest.raises(ValueError, match="bidirectional"):
         loader.hf_config(base | {"use_bidirectional_attention": True})
+
+
+def same_config(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal, but for the floats GGUF metadata holds in float32."""
+    floats = {f: getattr(b, f) for f in ("norm_eps", "attention_scale")}
+    return dataclasses.replace(a, **floats) == b and all(getattr(a, f) == pytest.approx(v, rel=1e-6)
+                                                          for f, v in floats.items())
+
+
+def test_export_keeps_the_model(model, tmp_path):
+    """`tritlm convert`'s writer: the GGUF it writes loads as the same model (Gemma's norms
+    stored as w again, the window, scale and pooling in the metadata)."""
+    _, directory, _, _ = model
+    config, tensors, _ = loader.load(directory)
+    export.write_gguf_model(tmp_path / "m.gguf", config, tensors)
+    config2, tensors2, _ = loader.load(tmp_path / "m.gguf")
+    assert same_config(config2, config)
+    ours, theirs = (reference.forward(c, t, np.array(TOKENS), hidden=True) for c, t in ((config, tensors),
+                                                                                        (config2, tensors2)))
+    assert relative_error(theirs, ours) < 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dummy_of_the_family_runs(tmp_path, family):
+    """`tritlm dummy` writes the embedding families too (here at a tiny shape)."""
+    shape = dict(vocab_size=320, hidden_size=128, intermediate_size=256, n_layers=6, n_heads=4, n_kv_heads=1,
+                 head_dim=64, context_length=64, rope_theta=1e6, norm_eps=1e-6, pooling="last", embedding_only=True)
+    if family == "gemma3":
+        shape |= dict(sliding_window=8, sliding_layers=(0, 1, 2, 3, 4), rope_theta_sliding=1e4)
+    config = write_dummy(tmp_path / "d.gguf", ModelConfig(arch=family, **shape))
+    loaded, tensors, _ = loader.load(tmp_path / "d.gguf")
+    assert same_config(loaded, config)
+    engine = Engine(loaded, tensors)
+    hidden = engine.hidden_states(engine.new_sequence(), TOKENS[:12])
+    np.testing.assert_allclose(hidden, reference.forward(loaded, tensors, np.array(TOKENS[:12]), kv_type="f16",
+                                                         hidden=True), atol=1e-3 * np.abs(hidden).max())

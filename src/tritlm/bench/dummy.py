@@ -7,7 +7,9 @@ import numpy as np
 
 from ..formats.gguf import GGUFValue, GGUFWriter, TensorType, ValueType
 from ..models.config import ModelConfig
+from ..models.arch import PROJECTIONS
 from ..models.export import model_metadata
+from ..models.loader import tensor_shape
 from ..quant import layouts
 
 # name -> hidden, ffn, layers, heads, kv heads, vocab: bitnet.cpp's dummy-model presets (no GQA,
@@ -26,12 +28,24 @@ PRESETS = {
     "100B": (8192, 45568, 72, 64, 64, 32000),
     "2B4T": (2560, 6912, 30, 20, 5, 128256),
 }
+# the BitNet-embedding models' shapes (their config.json), each of its own architecture
+EMBEDDING_PRESETS = {
+    "0.6B-embed": dict(arch="qwen3", vocab_size=151669, hidden_size=1024, intermediate_size=3072, n_layers=28,
+                       n_heads=16, n_kv_heads=8, head_dim=128, rope_theta=1e6),
+    "270M-embed": dict(arch="gemma3", vocab_size=262144, hidden_size=640, intermediate_size=2048, n_layers=18,
+                       n_heads=4, n_kv_heads=1, head_dim=256, rope_theta=1e6, rope_theta_sliding=1e4,
+                       sliding_window=512, sliding_layers=tuple(i for i in range(18) if (i + 1) % 6)),
+}
 EMBEDDING_TYPES = ("F16", "Q8_0", "Q6_K")
 
 
 def dummy_config(preset: str, arch: str = "bitnet-b1.58") -> ModelConfig:
+    """A preset's configuration; the embedding presets have their own architecture."""
+    if preset in EMBEDDING_PRESETS:
+        return ModelConfig(**EMBEDDING_PRESETS[preset], context_length=32768, norm_eps=1e-6, pooling="last",
+                           embedding_only=True)
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join([*PRESETS, *EMBEDDING_PRESETS])}")
     hidden, ffn, layers, heads, kv_heads, vocab = PRESETS[preset]
     return ModelConfig(arch=arch, vocab_size=vocab, hidden_size=hidden,
                        intermediate_size=ffn, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
@@ -89,23 +103,19 @@ def write_dummy(path, preset: str | ModelConfig = "2B4T", *, arch: str = "bitnet
         raise ValueError(f"embedding type must be one of {', '.join(EMBEDDING_TYPES)}")
     pack, _ = layouts.FILE_LAYOUTS[ternary_type]
     rng = np.random.default_rng(seed)
-    c = config
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = {"attn_q": (q, c.hidden_size), "attn_k": (kv, c.hidden_size), "attn_v": (kv, c.hidden_size),
-              "attn_output": (c.hidden_size, q), "ffn_gate": (c.intermediate_size, c.hidden_size),
-              "ffn_up": (c.intermediate_size, c.hidden_size), "ffn_down": (c.hidden_size, c.intermediate_size)}
-    norms = {"attn_norm": c.hidden_size, "ffn_norm": c.hidden_size}
-    if c.architecture.has("attn_sub_norm"):
-        norms |= {"attn_sub_norm": c.n_heads * c.head_dim, "ffn_sub_norm": c.intermediate_size}
+    c, arch = config, config.architecture
+    norm = lambda kind: (lambda: np.full(tensor_shape(c, kind), 0 if kind in arch.offset_norms else 1, np.float32))  # noqa: E731
     tensors = [("token_embd.weight", TensorType[embedding_type], (c.vocab_size, c.hidden_size),
                 lambda: random_embedding(embedding_type, c.vocab_size, c.hidden_size, rng)),
-               ("output_norm.weight", TensorType.F32, (c.hidden_size,), lambda: np.ones(c.hidden_size, np.float32))]
+               ("output_norm.weight", TensorType.F32, (c.hidden_size,), norm("output_norm"))]
     for i in range(c.n_layers):
-        for name, shape in shapes.items():
-            tensors.append((f"blk.{i}.{name}.weight", TensorType[ternary_type], shape,
-                            lambda shape=shape: pack(random_ternary(shape, rng), np.float32(0.02))))
-        for name, n in norms.items():
-            tensors.append((f"blk.{i}.{name}.weight", TensorType.F32, (n,), lambda n=n: np.ones(n, np.float32)))
+        for kind in arch.tensors:
+            shape = tensor_shape(c, kind)
+            if kind in PROJECTIONS:
+                tensors.append((f"blk.{i}.{kind}.weight", TensorType[ternary_type], shape,
+                                lambda shape=shape: pack(random_ternary(shape, rng), np.float32(0.02))))
+            else:
+                tensors.append((f"blk.{i}.{kind}.weight", TensorType.F32, shape, norm(kind)))
     metadata = (model_metadata(config, ternary_type, f"dummy-{c.hidden_size}x{c.n_layers}")
                 | dummy_tokenizer_metadata(c.vocab_size))
     with GGUFWriter(path, metadata) as writer:

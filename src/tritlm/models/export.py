@@ -8,7 +8,7 @@ import numpy as np
 from ..formats.gguf import FILE_TYPES, GGUFValue, GGUFWriter, TensorType, ValueType
 from ..quant import layouts
 from .config import ModelConfig
-from .loader import GGUF_KEYS, FloatMatrix, TernaryTensor
+from .loader import GGUF_KEYS, GGUF_POOLING, FloatMatrix, TernaryTensor
 
 EMBEDDING_TYPES = ("F32", "F16")
 
@@ -25,10 +25,17 @@ def permute_for_norm_rope(t: TernaryTensor, n_heads: int) -> TernaryTensor:
 def model_metadata(config: ModelConfig, ternary_type: str, name: str = "") -> dict:
     def u32_or_f32(value):  # llama.cpp reads the sizes as uint32
         return GGUFValue(value, ValueType.FLOAT32 if isinstance(value, float) else ValueType.UINT32)
-    a = config.arch
-    return {"general.architecture": a, "general.name": name or a,
-            "general.file_type": u32_or_f32(FILE_TYPES[ternary_type])} | {
+    a, c = config.arch, config
+    metadata = {"general.architecture": a, "general.name": name or a,
+                "general.file_type": u32_or_f32(FILE_TYPES[ternary_type])} | {
         f"{a}.{key}": u32_or_f32(getattr(config, field)) for field, key in GGUF_KEYS.items()}
+    metadata |= {f"{a}.attention.key_length": u32_or_f32(c.head_dim), f"{a}.attention.value_length": u32_or_f32(c.head_dim)}
+    if c.embedding_only:
+        metadata[f"{a}.pooling_type"] = u32_or_f32({v: k for k, v in GGUF_POOLING.items()}[c.pooling])
+    if a == "gemma3":  # what the loader would otherwise assume
+        metadata |= {f"{a}.attention.sliding_window": u32_or_f32(c.sliding_window),
+                     f"{a}.attention.scale": u32_or_f32(c.attention_scale)}
+    return metadata
 
 
 def write_gguf_model(path, config: ModelConfig, tensors: dict, *, ternary_type: str = "I2_S",
@@ -52,6 +59,8 @@ def write_gguf_model(path, config: ModelConfig, tensors: dict, *, ternary_type: 
                 return TensorType.F16, array.shape, lambda: array.astype(np.float16).view(np.uint8).reshape(-1)
             return TensorType.F32, array.shape, lambda: array.view(np.uint8).reshape(-1)
         array = np.ascontiguousarray(t, dtype=np.float32)
+        if name.rsplit(".", 1)[-1] in config.architecture.offset_norms:  # stored as w, multiplied by 1 + w
+            array = array - np.float32(1)
         return TensorType.F32, array.shape, lambda: array.view(np.uint8).reshape(-1)
 
     metadata = model_metadata(config, ternary_type) | (extra_metadata or {})

@@ -268,15 +268,23 @@ def required_tensors(config: ModelConfig) -> Iterator[str]:
         yield from (f"blk.{i}.{kind}" for kind in per_layer)
 
 
+def _sizes(c: ModelConfig, symbols: tuple[str, ...]) -> tuple[int, ...]:
+    sizes = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "head_dim": c.head_dim,
+             "intermediate_size": c.intermediate_size, _Q: c.n_heads * c.head_dim, _KV: c.n_kv_heads * c.head_dim}
+    return tuple(sizes[s] for s in symbols)
+
+
+def tensor_shape(config: ModelConfig, kind: str) -> tuple[int, ...]:
+    """The shape `config` gives a tensor, by its GGUF name without `blk.{i}.` (NumPy order)."""
+    return _sizes(config, LAYER_SHAPES.get(kind) or TOP_SHAPES[kind])
+
+
 def check_shapes(config: ModelConfig, shapes: Mapping[str, tuple]) -> None:
     """That `shapes` (GGUF tensor name -> NumPy shape) are exactly the tensors `config` needs,
     each of the shape the configuration gives it (any other shape would have the engine read past
     a buffer), before anything is built from them. An unknown tensor is an error too: it would be
     part of the model (a bias, RoPE factors, another layer) that tritlm leaves out."""
     c = config
-    sizes = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "head_dim": c.head_dim,
-             "intermediate_size": c.intermediate_size, _Q: c.n_heads * c.head_dim,
-             _KV: c.n_kv_heads * c.head_dim}
     top, per_layer = _needed(c)
     unknown = []
     for name, shape in shapes.items():
@@ -289,7 +297,7 @@ def check_shapes(config: ModelConfig, shapes: Mapping[str, tuple]) -> None:
         if symbols is None:
             unknown.append(name)
             continue
-        expected = tuple(sizes[s] for s in symbols)
+        expected = _sizes(c, symbols)
         if tuple(shape) != expected:
             raise ValueError(f"tensor {name} has shape {short(tuple(shape))}; the configuration needs "
                              f"{expected} = ({', '.join(symbols)})")
