@@ -178,3 +178,13 @@ def test_dummy_of_the_family_runs(tmp_path, family):
     hidden = engine.hidden_states(engine.new_sequence(), TOKENS[:12])
     np.testing.assert_allclose(hidden, reference.forward(loaded, tensors, np.array(TOKENS[:12]), kv_type="f16",
                                                          hidden=True), atol=1e-3 * np.abs(hidden).max())
+
+
+def test_an_embedding_model_needs_no_head(tmp_path):
+    """Untied, and no lm_head in the files: an embedding model still loads and runs."""
+    directory = write_bitnet_embedding(tmp_path / "hf", "qwen3", tie_word_embeddings=False)
+    config, tensors, _ = loader.load(directory)
+    assert not config.tied_embeddings and "output" not in tensors
+    engine = Engine(config, tensors, kv_type="f32")
+    hidden = engine.hidden_states(engine.new_sequence(), TOKENS)
+    assert relative_error(hidden, embedding_hidden_states(directory, TOKENS)) < 1e-2

@@ -257,8 +257,8 @@ _LAYER_TENSOR = re.compile(r"blk\.(0|[1-9][0-9]{0,7})\.(\w+)")
 
 def _needed(config: ModelConfig) -> tuple[list[str], list[str]]:
     """The tensors `config` needs: outside the layers, and in each layer."""
-    top = ["token_embd", "output_norm"] + ([] if config.tied_embeddings else ["output"])
-    return top, list(config.architecture.tensors)
+    head = not (config.tied_embeddings or config.embedding_only)  # (an embedding model needs none)
+    return ["token_embd", "output_norm"] + ["output"] * head, list(config.architecture.tensors)
 
 
 def required_tensors(config: ModelConfig) -> Iterator[str]:

@@ -121,8 +121,9 @@ class Engine:
         self.set_threads(n_threads or kernels.idle_cores())
         # Every weight a step streams lives in one huge-page buffer, filled tensor by tensor from
         # the file: a buffer per matrix would round each up to whole 2 MiB pages.
-        head = tensors["token_embd" if config.tied_embeddings else "output"]
-        floats = [head] if config.tied_embeddings else [head, tensors["token_embd"]]
+        tied = config.tied_embeddings or "output" not in tensors  # (an embedding model may have no head)
+        head = tensors["token_embd" if tied else "output"]
+        floats = [head] if tied else [head, tensors["token_embd"]]
         arch = config.architecture
         # [(group key, input norm name, {tensor name: tensor})] of each layer, every layer alike
         plan = [[(key, arch.input_norms.get(names[0]), {f"blk.{i}.{n}": tensors[f"blk.{i}.{n}"] for n in names})
@@ -132,7 +133,7 @@ class Engine:
         arena = _Arena([f.nbytes for f in floats] + nbytes * config.n_layers)
         self.weights = arena.buffer  # uint8: every weight a step streams
         self.head = arena.copy_of(head)
-        self.embedding = self.head if config.tied_embeddings else arena.copy_of(tensors["token_embd"])
+        self.embedding = self.head if tied else arena.copy_of(tensors["token_embd"])
         self.layers = []
         for i, layer in enumerate(plan):
             groups = {key: [] for key in GROUPS}
