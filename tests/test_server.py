@@ -259,7 +259,7 @@ def test_more_bad_requests(base_url, client):
     assert error_of(post("/v1/completions", json={"prompt": [10**6]}), 400)["param"] == "prompt"
     assert error_of(post("/v1/completions", json={"prompt": "hi", "stop": ["", "x"]}), 400)["param"] == "stop"
     assert error_of(post("/v1/embeddings", json={"input": ""}), 400)["param"] == "input"
-    assert error_of(post("/v1/embeddings", json={"input": "hi", "dimensions": 7}), 400)["param"] == "dimensions"
+    assert error_of(post("/v1/embeddings", json={"input": "hi", "dimensions": 129}), 400)["param"] == "dimensions"
     assert error_of(httpx.get(base_url + "/v1/nothing"), 404)
     assert error_of(httpx.get(base_url + "/v1/chat/completions"), 405)
     assert error_of(httpx.get(base_url + "/v1/models/other"), 404)["code"] == "model_not_found"

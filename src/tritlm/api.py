@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import chat, hub
+from . import chat, embeddings, hub
 from .generation import TextStream
 from .models import loader
 from .runtime import Engine
@@ -87,6 +87,7 @@ class LLM:
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """float32 [len(tokens), vocab]: the logits after every token, from position 0."""
+        self._check_can_generate()
         if len(tokens) > self.n_ctx:
             raise ValueError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
         sequence = self.engine.new_sequence(n_ctx=max(1, len(tokens)))
@@ -99,6 +100,7 @@ class LLM:
         with BOS, and only the second half of each window is scored, so every scored token has
         at least n_ctx/2 tokens of context. batch_size: tokens per forward pass (default one
         window). progress(windows_done, windows, ppl_so_far) is called after each batch."""
+        self._check_can_generate()
         c = n_ctx or min(512, self.n_ctx)
         if not 4 <= c <= self.config.context_length:
             raise ValueError(f"n_ctx must be between 4 and the model's context "
@@ -114,6 +116,82 @@ class LLM:
             if progress:
                 progress(len(nll), len(windows), perplexity_stats(nll)[0])
         return perplexity_stats(nll)
+
+    # --------------------------------------------------------------------------- embeddings
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether the model can generate text; an embedding model (no LM head) only embeds."""
+        return True
+
+    def _check_can_generate(self) -> None:
+        if not self.can_generate:
+            raise ValueError(embeddings.CANNOT_GENERATE)
+
+    def embedding_tokens(self, text: str) -> list[int]:
+        """The tokens a text is embedded from."""
+        return self.tokenize(text)
+
+    def embed(self, texts: str | list[str], *, normalize: bool = True, batch_size: int = 32,
+              truncate: bool = True, prompt: str | None = None, dimensions: int | None = None,
+              progress=None) -> np.ndarray:
+        """Embeddings of `texts`, float32 [len(texts), dim], as sentence-transformers' `encode`:
+        a single text gives one vector [dim]. Each is the model's pooling (`config.pooling`: the
+        mean of the final hidden states, or the last token's) of its text, cut to its first
+        `dimensions` values (default all), then scaled to unit length unless normalize=False.
+
+        prompt: text put before each text (an instruction or a "query: " prefix). batch_size:
+        texts run together in each forward pass (the longest first, so each batch packs alike;
+        the rows come back in the input's order). A text of more tokens than the context keeps
+        its first n_ctx with truncate=True; with False it is an error. progress(done, total) is
+        called after each batch."""
+        single = isinstance(texts, str)
+        ids = self._embedding_ids([texts] if single else list(texts), prompt, truncate)
+        vectors = self._embed(ids, batch_size=batch_size, normalize=normalize, dimensions=dimensions,
+                              progress=progress)
+        return vectors[0] if single else vectors
+
+    def create_embedding(self, input: str | list[str], model: str | None = None, *,
+                         dimensions: int | None = None, encoding_format: str = "float",
+                         prompt: str | None = None) -> dict:
+        """OpenAI's embeddings response (llama-cpp-python's name and shape) for a text or texts:
+        unit-length vectors (cut to `dimensions` first), as lists of floats or, with
+        encoding_format="base64", little-endian float32 bytes in base64; texts too long for the
+        context are truncated."""
+        embeddings.check_encoding_format(encoding_format)
+        ids = self._embedding_ids([input] if isinstance(input, str) else list(input), prompt, truncate=True)
+        vectors = self._embed(ids, dimensions=dimensions)
+        return embeddings.openai_response(vectors, model or self.model_name, sum(map(len, ids)), encoding_format)
+
+    def _embedding_ids(self, texts: list[str], prompt: str | None, truncate: bool) -> list[list[int]]:
+        """Each text's tokens, `prompt` first, cut to the context (truncate=True) or refused."""
+        out = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"texts[{i}] is not a string but {type(text).__name__}")
+            if not text:
+                raise ValueError(f"texts[{i}] is empty")
+            ids = self.embedding_tokens((prompt or "") + text)
+            if len(ids) > self.n_ctx and not truncate:
+                raise ValueError(f"texts[{i}] has {len(ids)} tokens; the context holds {self.n_ctx} "
+                                 "(truncate=True keeps the first ones, or load the model with a larger n_ctx)")
+            out.append(ids[:self.n_ctx])
+        return out
+
+    def _embed(self, ids: list[list[int]], *, batch_size: int = 32, normalize: bool = True,
+               dimensions: int | None = None, progress=None) -> np.ndarray:
+        """`embed` of token lists: the longest first, batch_size of them per forward pass."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        embeddings.check_dimensions(dimensions, self.config.hidden_size)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        vectors = np.zeros((len(ids), self.config.hidden_size), np.float32)
+        for start in range(0, len(order), batch_size):
+            group = order[start:start + batch_size]
+            vectors[group] = embeddings.embed_tokens(self.engine, [ids[i] for i in group], self.config.pooling)
+            if progress:
+                progress(len(group) + start, len(order))
+        return embeddings.finish(vectors, normalize=normalize, dimensions=dimensions)
 
     # --------------------------------------------------------------------------- generation
 
@@ -141,6 +219,7 @@ class LLM:
         return list(prompt)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        self._check_can_generate()
         ids = self._encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")

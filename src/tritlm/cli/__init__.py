@@ -8,10 +8,10 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, convert, dummy, info, perplexity, pull, run, serve, train
+from . import bench, convert, dummy, embed, info, perplexity, pull, run, serve, train
 from . import list as list_models
 
-SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, serve, pull, list_models)
+SUBCOMMANDS = (run, info, convert, dummy, bench, train, perplexity, embed, serve, pull, list_models)
 
 
 def add_device_argument(parser) -> None:

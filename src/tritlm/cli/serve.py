@@ -100,6 +100,9 @@ def run(args) -> int:
                      timeout=args.timeout or None)
     print(f"tritlm: serving {llm.model_name} on http://{args.host}:{args.port}/ "
           f"({args.max_batch} slots of {ctx} tokens)", file=sys.stderr)
+    if not llm.can_generate:
+        print("tritlm: this model makes embeddings (/v1/embeddings); it cannot generate text, so "
+              "chat and completion requests get 400", file=sys.stderr)
     # what is loaded now lives as long as the server: spare the collector walking it (100 ms here)
     # on every full collection, which a request body of many small JSON arrays can set off
     gc.freeze()

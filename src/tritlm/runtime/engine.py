@@ -185,29 +185,41 @@ class Engine:
         Speculative decoding verifies guesses this way: a sequence's last token and k guesses in
         one step (beside other sequences' tokens), the logits after each; then `truncate` drops
         the guesses after the first one rejected."""
+        return self._chunked(batch, all_logits, hidden=False)
+
+    def forward_hidden(self, batch: list[tuple[Sequence, list[int]]],
+                       all_rows: bool | list[bool] = True) -> list[np.ndarray]:
+        """As `forward`, but each sequence's final hidden states (the output norm's result, what
+        the LM head reads: for embeddings), float32: [tokens, hidden] for every token, or [1,
+        hidden] for its last one alone with all_rows=False (one flag for the batch, or one per
+        sequence). Many texts in one batch are stacked into the same steps."""
+        return self._chunked(batch, all_rows, hidden=True)
+
+    def hidden_states(self, sequence: Sequence, tokens: list[int]) -> np.ndarray:
+        """Append `tokens` to `sequence` and return their final hidden states, float32
+        [len(tokens), hidden] (`forward_hidden` of one sequence)."""
+        return self.forward_hidden([(sequence, tokens)])[0]
+
+    def _chunked(self, batch: list[tuple[Sequence, list[int]]], every_row: bool | list[bool],
+                 hidden: bool) -> list[np.ndarray]:
+        """Steps of at most prefill_chunk tokens per sequence until every sequence's tokens are in;
+        each sequence's rows of every token (its flag set) or of its last."""
         for seq, tokens in batch:
             self._check(seq, tokens)
-        every = [all_logits] * len(batch) if isinstance(all_logits, bool) else list(all_logits)
+        every = [every_row] * len(batch) if isinstance(every_row, bool) else list(every_row)
         if len(every) != len(batch):
-            raise ValueError(f"all_logits has {len(every)} flags for {len(batch)} sequences")
+            raise ValueError(f"{len(every)} row flags for {len(batch)} sequences")
         outputs = [[] for _ in batch]
         pending = [(i, seq, list(tokens)) for i, (seq, tokens) in enumerate(batch)]
         while pending:  # chunked prefill: at most prefill_chunk tokens per sequence per step
             step = [(i, seq, tokens[: self.prefill_chunk]) for i, seq, tokens in pending]
             done = [len(tokens) <= self.prefill_chunk for _, _, tokens in pending]
             keep = ["all" if every[i] else "last" if last else "none" for (i, _, _), last in zip(pending, done)]
-            for (i, _, _), logits in zip(step, self._step([(s, t) for _, s, t in step], keep)):
-                outputs[i].append(logits)
+            for (i, _, _), rows in zip(step, self._step([(s, t) for _, s, t in step], keep, hidden)):
+                outputs[i].append(rows)
             pending = [(i, seq, tokens[self.prefill_chunk :]) for (i, seq, tokens), last
                        in zip(pending, done) if not last]
         return [np.concatenate(parts) for parts in outputs]
-
-    def hidden_states(self, sequence: Sequence, tokens: list[int]) -> np.ndarray:
-        """Append `tokens` to `sequence` and return their final hidden states, float32
-        [len(tokens), hidden]: the output norm's result, what the LM head reads (for embeddings)."""
-        self._check(sequence, tokens)
-        return np.concatenate([self._step([(sequence, tokens[i : i + self.prefill_chunk])], ["all"], hidden=True)[0]
-                               for i in range(0, len(tokens), self.prefill_chunk)])
 
     def _check(self, seq: Sequence, tokens) -> None:
         if not len(tokens):

@@ -10,7 +10,6 @@ size, and by the number of arrays and objects in it, each of which costs far mor
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import json
 import logging
@@ -27,6 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+import numpy as np
+
+from .. import embeddings
 from ..sampling import SamplingParams
 from .protocol import ChatRequest, CompletionRequest, EmbeddingRequest
 from .scheduler import Job, Scheduler, ServerError, internal_error
@@ -138,7 +140,10 @@ class _API:
         self.max_chars = ctx * max(longest, 1)
 
     def model_card(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tritlm"}
+        """OpenAI's model object, and whether the model can generate text (an embedding model
+        can't: the chat page says so)."""
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tritlm",
+                "can_generate": self.llm.can_generate}
 
     def check_model(self, name: str | None) -> None:
         if name and name != self.model_id:
@@ -211,6 +216,8 @@ class _API:
 
     async def generate(self, body, request: Request, chat: bool):
         self.check_model(body.model)
+        if not self.llm.can_generate:
+            raise ServerError(400, embeddings.CANNOT_GENERATE, code="model_cannot_generate")
         if not chat and body.echo:
             raise ServerError(400, "echo is not supported", param="echo")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
@@ -305,9 +312,10 @@ class _API:
 
     async def embed(self, body: EmbeddingRequest, request: Request):
         self.check_model(body.model)
-        hidden = self.llm.config.hidden_size
-        if body.dimensions not in (None, hidden):
-            raise ServerError(400, f"this model's embeddings have {hidden} dimensions", param="dimensions")
+        try:
+            embeddings.check_dimensions(body.dimensions, self.llm.config.hidden_size)
+        except ValueError as e:
+            raise ServerError(400, str(e), param="dimensions") from None
         x = body.input
         items = [x] if isinstance(x, str) or isinstance(x[0], int) else x  # at most 2048 (the protocol's cap)
         if isinstance(items[0], str):
@@ -328,15 +336,11 @@ class _API:
         finally:
             watcher.cancel()
             self.scheduler.cancel([job])
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
-                 if body.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vectors)]
-        n = sum(len(ids) for ids in inputs)
-        return {"object": "list", "data": data, "model": self.model_id,
-                "usage": {"prompt_tokens": n, "total_tokens": n}}
+        vectors = embeddings.finish(np.stack(vectors), dimensions=body.dimensions)
+        return embeddings.openai_response(vectors, self.model_id, sum(map(len, inputs)), body.encoding_format)
 
     def embedding_ids(self, items: list[str] | list[list[int]]) -> list[list[int]]:
-        return [self.check_ids(self.llm.tokenize(t) if isinstance(t, str) else list(t), "input", room=0)
+        return [self.check_ids(self.llm.embedding_tokens(t) if isinstance(t, str) else list(t), "input", room=0)
                 for t in items]
 
     # -------------------------------------------------------------------- tokens

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import embeddings
 from ..generation import TextStream
 from ..sampling import Sampler, SamplingParams
 
@@ -51,7 +52,8 @@ def internal_error(request_id: str) -> ServerError:
 @dataclass
 class Event:
     """What a job reports: text (with the logprobs of the tokens it completes), then on its last
-    event a finish_reason (or an error); an embedding job reports its vectors."""
+    event a finish_reason (or an error); an embedding job reports its inputs' pooled vectors (not
+    normalised: `embeddings.finish` does that)."""
 
     text: str = ""
     logprobs: list = field(default_factory=list)  # (token, logprob, [(token, logprob), ...]) per token
@@ -76,7 +78,7 @@ class Job:
     stop: list[str] | None = None
     ignore_eos: bool = False  # for benchmarks: end-of-turn tokens don't end the text
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
-    inputs: list[list[int]] | None = None  # an embedding job: mean-pooled vector of each
+    inputs: list[list[int]] | None = None  # an embedding job: the pooled vector of each
     timeout: float | None = None  # seconds from submission
     id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names it in the log
     # state, owned by the engine thread once submitted
@@ -125,15 +127,26 @@ class _Running:
         self.job = job
         self.next_token: int | None = None  # sampled, not yet in the cache
         if job.embedding:
-            self.input = 0  # the input being fed
-            self.sums: list[np.ndarray] = []  # its hidden states so far, summed per chunk
-            self.vectors: list[np.ndarray] = []
+            self.next_input = 0  # the first input not yet started
+            self.current: _Input | None = None  # the one started, cut short by the last step's budget
+            self.vectors: list[np.ndarray | None] = [None] * len(job.inputs)
+            self.pooled = 0  # inputs done
             return
         self.context = list(job.prompt)  # prompt + generated: the sampler's penalty window
         self.sampler = Sampler(job.params)
         self.stream = TextStream(tokenizer, max_tokens=job.max_tokens, stop=job.stop,
                                  stop_ids=set() if job.ignore_eos else None)
         self.pending_logprobs: list = []
+
+
+@dataclass(eq=False)
+class _Input:
+    """An embedding input under way: the sequence it runs in (its own, of its length), and the
+    hidden-state rows its chunks have given so far."""
+
+    index: int
+    sequence: object
+    rows: list = field(default_factory=list)
 
 
 class Scheduler:
@@ -278,10 +291,11 @@ class Scheduler:
             # the free slot that already holds the longest start of this prompt
             slot = max(self.free, key=lambda s: _common(self.slot_tokens[s], job.prompt))
             self.free.remove(slot)
-            keep = 0 if job.embedding else _common(self.slot_tokens[slot], job.prompt[:-1])
-            self.slots[slot].truncate(keep)
-            del self.slot_tokens[slot][keep:]
-            job.slot, job.fed = slot, keep
+            job.slot = slot
+            if not job.embedding:  # an embedding job holds a slot for its turn, not its sequence
+                job.fed = _common(self.slot_tokens[slot], job.prompt[:-1])
+                self.slots[slot].truncate(job.fed)
+                del self.slot_tokens[slot][job.fed:]
             try:
                 self.running[job] = _Running(job, self.tokenizer)
             except Exception:
@@ -297,12 +311,11 @@ class Scheduler:
         decoding = [r for r in running if r.next_token is not None]
         budget = self.prefill_chunk if decoding else max(self.prefill_chunk, self.engine.prefill_chunk)
         batch, fed = [], []
-        embed = None
         for r in running:
             job = r.job
             if job.embedding:
-                embed = embed or r
-            elif r.next_token is not None:
+                continue
+            if r.next_token is not None:
                 batch.append((self.slots[job.slot], [r.next_token]))
                 fed.append((r, [r.next_token]))
             elif budget > 0:
@@ -311,13 +324,13 @@ class Scheduler:
                 batch.append((self.slots[job.slot], chunk))
                 fed.append((r, chunk))
         logits = self.engine.forward(batch) if batch else []
-        if embed is not None and budget > 0:
+        embedding = [r for r in running if r.job.embedding]
+        if embedding and budget > 0:
             try:
-                self._embed_step(embed, budget)
-            except Exception:
-                self.slots[embed.job.slot].truncate(0)
-                self.slot_tokens[embed.job.slot].clear()
-                self._fail(embed)
+                self._embed_step(embedding, budget)
+            except Exception:  # the shared pass failed: every embedding job in it fails
+                for r in embedding:
+                    self._fail(r)
         generated = 0  # sampling runs without the lock: the server keeps answering meanwhile
         for (r, tokens), row in zip(fed, logits):
             self.slot_tokens[r.job.slot].extend(tokens)
@@ -353,25 +366,35 @@ class Scheduler:
             r.pending_logprobs = []
             job.on_event(event)
 
-    def _embed_step(self, r: _Running, budget: int) -> None:
-        """Feed the next chunk of the current input; after each input, its mean-pooled, L2-normalised
-        final hidden state."""
-        job, seq = r.job, self.slots[r.job.slot]
-        tokens = job.inputs[r.input]
-        chunk = tokens[seq.position : seq.position + budget]
-        hidden = self.engine.hidden_states(seq, chunk)
-        self.slot_tokens[job.slot].extend(chunk)
-        self.metrics.prompt_tokens += len(chunk)
-        r.sums.append(hidden.sum(axis=0, dtype=np.float64))
-        if seq.position < len(tokens):
-            return
-        mean = np.sum(r.sums, axis=0) / len(tokens)
-        r.sums, r.input = [], r.input + 1
-        r.vectors.append((mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32))
-        seq.truncate(0)
-        del self.slot_tokens[job.slot][:]
-        if r.input == len(job.inputs):
-            self._finish(r, Event(embeddings=r.vectors))
+    def _embed_step(self, running: list[_Running], budget: int) -> None:
+        """Advance the embedding jobs by at most `budget` tokens in one batched pass: the input
+        a job had under way first, then its next ones, each in a sequence of its own; an input
+        whose last token is in gets its pooled vector, a job whose inputs all have them finishes."""
+        parts = []  # (job's state, input, its tokens this step)
+        for r in running:
+            while budget > 0 and (r.current or r.next_input < len(r.job.inputs)):
+                if r.current is None:
+                    tokens = r.job.inputs[r.next_input]
+                    r.current = _Input(r.next_input, self.engine.new_sequence(len(tokens)))
+                    r.next_input += 1
+                item, tokens = r.current, r.job.inputs[r.current.index]
+                chunk = tokens[item.sequence.position : item.sequence.position + budget]
+                budget -= len(chunk)
+                if item.sequence.position + len(chunk) == len(tokens):
+                    r.current = None  # done after this step
+                parts.append((r, item, chunk))
+        pooling = self.engine.config.pooling
+        hidden = self.engine.forward_hidden([(item.sequence, chunk) for _, item, chunk in parts],
+                                            embeddings.all_rows(pooling))
+        for (r, item, chunk), rows in zip(parts, hidden):
+            self.metrics.prompt_tokens += len(chunk)
+            item.rows.append(rows)
+            if item.sequence.position == len(r.job.inputs[item.index]):
+                r.vectors[item.index] = embeddings.pool(np.concatenate(item.rows), pooling)
+                r.pooled += 1
+        for r in running:
+            if r.pooled == len(r.job.inputs):
+                self._finish(r, Event(embeddings=r.vectors))
 
     def _fail(self, r: _Running) -> None:
         """Fail one job over a fault in its own work (call it from the except block)."""
