@@ -188,3 +188,21 @@ def test_an_embedding_model_needs_no_head(tmp_path):
     engine = Engine(config, tensors, kv_type="f32")
     hidden = engine.hidden_states(engine.new_sequence(), TOKENS)
     assert relative_error(hidden, embedding_hidden_states(directory, TOKENS)) < 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llm_embeds_and_refuses_to_generate(tmp_path, family):
+    """tritlm.LLM on a published-layout directory: last-token embeddings of its tokenizer's tokens,
+    as transformers computes them; and no generation."""
+    from tritlm import LLM
+
+    directory = write_bitnet_embedding(tmp_path / "hf", family)
+    llm = LLM(directory, kv_type="f32", n_ctx=64)
+    texts = ["def fibonacci(n):", "The quick brown fox jumps over the lazy dog."]
+    vectors = llm.embed(texts)
+    for text, vector in zip(texts, vectors):
+        oracle = last_token_embedding(embedding_hidden_states(directory, llm.embedding_tokens(text)))
+        assert vector @ oracle >= 0.9999  # (a near-tie rounded the other way costs ~1e-5 here)
+    assert not llm.can_generate
+    with pytest.raises(ValueError, match="cannot generate"):
+        llm.generate("hello", max_tokens=2)

@@ -122,15 +122,16 @@ class LLM:
     @property
     def can_generate(self) -> bool:
         """Whether the model can generate text; an embedding model (no LM head) only embeds."""
-        return True
+        return not self.config.embedding_only
 
     def _check_can_generate(self) -> None:
         if not self.can_generate:
             raise ValueError(embeddings.CANNOT_GENERATE)
 
     def embedding_tokens(self, text: str) -> list[int]:
-        """The tokens a text is embedded from."""
-        return self.tokenize(text)
+        """The tokens a text is embedded from: with the BOS and EOS its tokenizer asks for (the
+        BitNet-embedding models pool the hidden state of a closing EOS), control tokens as text."""
+        return self.tokenizer.encode(text, special=False)
 
     def embed(self, texts: str | list[str], *, normalize: bool = True, batch_size: int = 32,
               truncate: bool = True, prompt: str | None = None, dimensions: int | None = None,
@@ -175,7 +176,10 @@ class LLM:
             if len(ids) > self.n_ctx and not truncate:
                 raise ValueError(f"texts[{i}] has {len(ids)} tokens; the context holds {self.n_ctx} "
                                  "(truncate=True keeps the first ones, or load the model with a larger n_ctx)")
-            out.append(ids[:self.n_ctx])
+            if len(ids) > self.n_ctx:  # cut the text, not a closing EOS
+                closing = len(self.tokenizer.encode("", add_bos=False, special=False))
+                ids = ids[: self.n_ctx - closing] + ids[len(ids) - closing :]
+            out.append(ids)
         return out
 
     def _embed(self, ids: list[list[int]], *, batch_size: int = 32, normalize: bool = True,
