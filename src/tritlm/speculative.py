@@ -45,9 +45,9 @@ class Proposer:
     One proposer per generation: the context it is given only grows."""
 
     def __init__(self, *, k: int = 4, k_max: int = 8):
-        if not 1 <= k <= k_max:
-            raise ValueError(f"need 1 <= k <= k_max, got {k}, {k_max}")
-        self.k, self.k_max = k, k_max
+        if k < 1 or k_max < 1:
+            raise ValueError(f"k and k_max must be at least 1, got {k}, {k_max}")
+        self.k, self.k_max = min(k, k_max), k_max  # k: the first step's
         self.proposed = self.accepted = 0  # totals, for statistics
         self._pause, self._backoff = 0, 1
 
@@ -87,7 +87,7 @@ class LookupProposer(Proposer):
     def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1, k: int = 4, k_max: int = 8):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        super().__init__(k=min(k, k_max), k_max=k_max)
+        super().__init__(k=k, k_max=k_max)
         self.ngrams = range(max_ngram, min_ngram - 1, -1)
         self._next: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its last occurrence is
         self._indexed = 0  # context positions whose preceding n-grams are in _next
@@ -111,7 +111,7 @@ class DraftProposer(Proposer):
     rejected, as the target's cache does) and fed the rest."""
 
     def __init__(self, draft, *, k: int = 4, k_max: int = 8):
-        super().__init__(k=min(k, k_max), k_max=k_max)
+        super().__init__(k=k, k_max=k_max)
         self.draft = draft
 
     def _guess(self, context: list[int], k: int) -> list[int]:
