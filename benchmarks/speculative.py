@@ -5,7 +5,10 @@
     (e.g. a 2B4T-shaped dummy, `tritlm dummy -o /tmp/2b4t.gguf`), each thread count in --threads.
 (b) End to end, on --chat-model (default the bundled model): greedy tokens/s with and without
     `speculative="lookup"`, and the share of guesses accepted, on tasks whose output repeats
-    the prompt and on free text (the worst case: few repeats to find).
+    the prompt and on free text (few repeats to find).
+(c) The worst case, on the same model: a guesser that is always wrong (it knows plain decoding's
+    tokens and proposes others), with k adapting as `speculative.Proposer` does, against plain
+    decoding: what a bad guesser costs.
 
     python benchmarks/speculative.py --model /tmp/2b4t.gguf --threads 1 2
 """
@@ -18,8 +21,11 @@ import time
 import numpy as np
 
 from tritlm import LLM
+from tritlm.generation import TextStream
 from tritlm.models import loader
 from tritlm.runtime import Engine
+from tritlm.sampling import SamplingParams
+from tritlm.speculative import Proposer
 
 TASKS = {
     "repeat a list": "Fruits: apple, banana, cherry, damson, elderberry, fig, grape, honeydew, kiwi, lemon, "
@@ -77,6 +83,48 @@ def end_to_end(path: str | None, threads: int, n_gen: int) -> None:
               f"{'yes' if texts[0] == texts[1] else 'NO'} |")
 
 
+class AlwaysWrong(Proposer):
+    """Guesses that are always wrong: the token after each of plain decoding's `truth` (the
+    tokens generated after a prompt of `start` tokens)."""
+
+    def __init__(self, truth: list[int], start: int, vocab: int, k_max: int):
+        super().__init__(k_max=k_max)
+        self.truth, self.start, self.vocab = truth, start, vocab
+
+    def _guess(self, context: list[int], k: int) -> list[int]:
+        at = len(context) - self.start
+        return [(t + 1) % self.vocab for t in self.truth[at : at + k]]
+
+
+def _greedy_ids(llm: LLM, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens, on past any end-of-text token."""
+    stream = TextStream(llm.tokenizer, max_tokens=n, stop_ids=set())
+    "".join(llm._pieces(prompt, n, None, SamplingParams(temperature=0), stream=stream, speculative="lookup"))
+    return stream.tokens
+
+
+def worst_case(path: str | None, threads: int, n_gen: int, repeats: int) -> None:
+    llm = LLM(path, n_threads=threads)
+    prompt = llm.tokenize(TASKS["free text"])
+    print(f"\n(c) worst case: greedy generation of {n_gen} tokens with always-wrong guesses, "
+          f"{llm.model_name}, {threads} threads, median of {repeats}")
+    print("| max guesses | plain tokens/s | always wrong tokens/s | ratio | guesses proposed |")
+    print("|---|---|---|---|---|")
+    truth = _greedy_ids(llm, prompt, n_gen)
+    for k_max in (1, 4, 8):
+        rates = {None: [], "wrong": []}
+        for _ in range(repeats):
+            for mode in rates:
+                llm._proposer = (lambda *_: AlwaysWrong(truth, len(prompt), llm.config.vocab_size, k_max)) \
+                    if mode else (lambda *_: None)
+                assert _greedy_ids(llm, prompt, n_gen) == truth
+                t = llm.timings
+                rates[mode].append((t["generated_tokens"] - 1) / t["decode_seconds"])
+        plain, wrong = (float(np.median(r)) for r in rates.values())
+        print(f"| {k_max} | {plain:.1f} | {wrong:.1f} | {wrong / plain:.3f} | {t['proposed_tokens']} "
+              f"({t['accepted_tokens']} accepted) |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", help="GGUF for (a), e.g. a 2B4T dummy (default: skip (a))")
@@ -89,6 +137,7 @@ def main() -> None:
     if args.model:
         step_cost(args.model, args.threads, args.position, args.repetitions)
     end_to_end(args.chat_model, args.threads[-1], args.n_gen)
+    worst_case(args.chat_model, args.threads[-1], args.n_gen, args.repetitions)
 
 
 if __name__ == "__main__":

@@ -677,10 +677,10 @@ class _Slow:
         self.engine, self.pause, self.log = engine, pause, []
         self.nan_for = lambda sequence: False
 
-    def forward(self, batch):
+    def forward(self, batch, all_logits=False):
         self.log.append([len(tokens) for _, tokens in batch])
         time.sleep(self.pause)
-        rows = self.engine.forward(batch)
+        rows = self.engine.forward(batch, all_logits=all_logits)
         return [np.full_like(row, np.nan) if self.nan_for(seq) else row for (seq, _), row in zip(batch, rows)]
 
     def __getattr__(self, name):
@@ -782,6 +782,65 @@ def test_timeouts_and_cancel(oracle, scheduler_of):
     assert scheduler.metrics.requests["cancelled"] == 1 and scheduler.metrics.requests["timeout"] == 2
 
 
+# --------------------------------------------------------------- speculative decoding
+
+REPEATING = "The quick brown fox. The quick brown fox. The quick brown fox. The quick"
+
+
+def test_speculative_and_ordinary_sequences_share_a_step(oracle, scheduler_of):
+    """Jobs verifying guesses (prompt lookup) beside jobs decoding plainly, in the same forward
+    passes: every text is plain greedy decoding's, and the guesses rejected leave no trace in
+    the slots' caches (the texts go on right after them)."""
+    scheduler, engine = scheduler_of(max_batch=4, prefill_chunk=64)
+    prompts = [REPEATING, "def fibonacci(n): return fibonacci", REPEATING, "The lazy dog"]
+    jobs = [job(oracle, p, max_tokens=40, lookup=8 * (i % 2 == 0)) for i, p in enumerate(prompts)]
+    jobs[2][0].logprobs = 2
+    scheduler.submit([j for j, _ in jobs])
+    for (j, sink), prompt in zip(jobs, prompts):
+        assert sink.done.wait(60)
+        assert sink.text == oracle.generate(prompt, max_tokens=40, temperature=0)
+        assert sink.events[-1].completion_tokens == 40
+    assert sum(len(e.logprobs) for e in jobs[2][1].events) == 40
+    m = scheduler.metrics
+    assert 0 < m.accepted_tokens <= m.proposed_tokens and m.completion_tokens == 160
+    # steps where a job fed guesses (more than one token) while another decoded one token
+    assert any(max(step) > 1 and 1 in step for step in engine.log if len(step) == 4)
+
+
+def test_speculative_sampling_is_reproducible(oracle, scheduler_of):
+    scheduler, _ = scheduler_of(max_batch=2)
+    texts = []
+    for _ in range(2):
+        j, sink = job(oracle, REPEATING, max_tokens=30, lookup=4)
+        j.params = SamplingParams(temperature=0.7, seed=4)
+        scheduler.submit([j])
+        assert sink.done.wait(60)
+        texts.append(sink.text)
+    assert texts[0] == texts[1] and scheduler.metrics.proposed_tokens > 0
+
+
+def test_serve_lookup_and_the_per_request_opt_out(gguf_path, oracle):
+    llm = LLM(gguf_path, n_ctx=CTX)
+    with serving(create_app(llm, max_batch=2, lookup=4)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def counters():
+            text = http.get("/metrics").text
+            return [float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith(("tritlm_speculative_proposed_tokens_total ",
+                                        "tritlm_speculative_accepted_tokens_total "))]
+        assert counters() == [0, 0]
+        body = {"prompt": REPEATING, "max_tokens": 30, "temperature": 0, **NO_EOS}
+        expected = oracle.generate(REPEATING, max_tokens=30, temperature=0)
+        assert http.post("/v1/completions", json=body | {"speculative": False}).json()["choices"][0]["text"] == expected
+        assert counters() == [0, 0]  # opted out
+        assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
+        proposed, accepted = counters()
+        assert 0 < accepted <= proposed
+        assert stream_text(http, body) == expected
+        assert error_of(http.post("/v1/completions", json=body | {"speculative": "yes"}), 400)["param"] == "speculative"
+    with pytest.raises(ValueError, match="lookup"):
+        create_app(llm, lookup=-1)
+
+
 # ------------------------------------------------------------------------- the CLI
 
 
@@ -790,15 +849,17 @@ def test_serve_flags():
                                       "-c", "1024", "--temperature", "0.5", "--host", "0.0.0.0", "--port", "9000",
                                       "--api-key", "k", "--max-batch", "4", "--max-queue", "9",
                                       "--ctx-per-slot", "512", "--max-body-bytes", "1000", "--read-timeout", "5",
-                                      "--allowed-hosts", "a.example,b.example"])
+                                      "--allowed-hosts", "a.example,b.example", "--lookup", "5"])
     assert (args.model, args.prompt, args.n_predict, args.threads, args.ctx_size, args.temperature) == \
         ("x.gguf", "Be brief.", 64, 2, 1024, 0.5)
     assert (args.host, args.port, args.api_key, args.max_batch, args.max_queue, args.ctx_per_slot) == \
         ("0.0.0.0", 9000, "k", 4, 9, 512)
     assert (args.max_body_bytes, args.read_timeout, args.allowed_hosts) == (1000, 5.0, "a.example,b.example")
+    assert args.lookup == 5 and build_parser().parse_args(["serve", "--lookup"]).lookup == 8
     defaults = build_parser().parse_args(["serve"])
     assert defaults.host == "127.0.0.1" and defaults.model is None
     assert (defaults.max_body_bytes, defaults.read_timeout, defaults.allowed_hosts) == (256 * 1024, 60.0, None)
+    assert defaults.lookup == 0
 
 
 @pytest.mark.parametrize("host, key, given, expected", [

@@ -14,7 +14,7 @@ from .generation import TextStream
 from .models import loader
 from .runtime import Engine
 from .sampling import Sampler, SamplingParams
-from .speculative import LookupProposer
+from .speculative import DraftProposer, LookupProposer, Proposer, verify
 from .tokenizer import Tokenizer
 
 
@@ -46,12 +46,14 @@ class LLM:
     `tritlm.hub`); default: the bundled tiny model, `default_model_path()`. n_ctx: context length
     (default: the model's, at most 4096). n_threads: default every core other work leaves idle
     (kernels.idle_cores). kv_type: "f16" or "f32". device: "cpu", or "cuda" for the GPU engine
-    (`tritlm.cuda`: PyTorch with CUDA and Triton, `pip install 'tritlm[cuda]'`).
+    (`tritlm.cuda`: PyTorch with CUDA and Triton, `pip install 'tritlm[cuda]'`). draft_model: a
+    smaller model with the same tokenizer (a path or Hub id as model_path, loaded with the same
+    options, or an `LLM`) for speculative="draft".
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int | None = None,
                  n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256,
-                 device: str = "cpu"):
+                 device: str = "cpu", draft_model: str | os.PathLike | LLM | None = None):
         model_path = default_model_path() if model_path is None else hub.resolve_model(model_path)
         config, tensors, metadata = loader.load(model_path)
         self.model_path = model_path
@@ -65,6 +67,12 @@ class LLM:
         self._sequence = self.engine.new_sequence()
         self._cached: list[int] = []  # the tokens whose keys and values the sequence holds
         self.timings: dict = {}  # of the last generation: prompt/prefill/generated tokens and seconds
+        if draft_model is not None and not isinstance(draft_model, LLM):
+            draft_model = LLM(draft_model, n_ctx=self.n_ctx, n_threads=n_threads, kv_type=kv_type,
+                              prefill_chunk=prefill_chunk, device=device)
+        if draft_model is not None:
+            check_draft(self, draft_model)
+        self.draft = draft_model
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str | None = None, *, revision: str | None = None,
@@ -200,21 +208,25 @@ class LLM:
     # --------------------------------------------------------------------------- generation
 
     def stream(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
-               speculative: str | None = None, **sampling) -> Iterator[str]:
+               speculative: str | None = None, max_guesses: int = 8, **sampling) -> Iterator[str]:
         """The completion of `prompt` (text, or token ids), piece by piece as it is generated.
 
-        speculative="lookup": prompt-lookup speculative decoding (`tritlm.speculative`): each
-        step also checks guesses copied from earlier in the prompt and output, keeping those the
-        model agrees with; the text is the same, token for token, faster where the output repeats
-        its input. Greedy decoding only (temperature=0): with sampling it falls back to plain
-        decoding. `timings` then counts the "proposed_tokens" and "accepted_tokens"."""
-        yield from self._pieces(prompt, max_tokens, stop, SamplingParams(**sampling), speculative=speculative)
+        speculative decoding (`tritlm.speculative`): each step also checks up to `max_guesses`
+        guesses of the next tokens, keeping those the model agrees with. "lookup": guesses copied
+        from earlier in the prompt and output (fast where the output repeats its input); "draft":
+        the draft model's (`draft_model`). The output is the model's own: token for token the same
+        when greedy, and with sampling drawn from exactly the same distribution (the speculative
+        sampling rule, `sampling.speculative_choice`), though not the same text for a seed as
+        plain decoding. `timings` then counts the "proposed_tokens" and "accepted_tokens"."""
+        yield from self._pieces(prompt, max_tokens, stop, SamplingParams(**sampling), speculative=speculative,
+                                max_guesses=max_guesses)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256,
-                 stop: list[str] | None = None, speculative: str | None = None, **sampling) -> str:
+                 stop: list[str] | None = None, speculative: str | None = None, max_guesses: int = 8,
+                 **sampling) -> str:
         """The completion of `prompt`, whole; arguments as `stream`'s."""
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, speculative=speculative,
-                                   **sampling))
+                                   max_guesses=max_guesses, **sampling))
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):  # a chat prompt may carry its own BOS already
@@ -233,13 +245,12 @@ class LLM:
         return ids
 
     def _pieces(self, prompt, max_tokens: int, stop, params: SamplingParams,
-                stream: TextStream | None = None, speculative: str | None = None) -> Iterator[str]:
-        if speculative not in (None, "lookup"):
-            raise ValueError(f"speculative must be None or 'lookup', got {speculative!r}")
+                stream: TextStream | None = None, speculative: str | None = None,
+                max_guesses: int = 8) -> Iterator[str]:
+        proposer = self._proposer(speculative, max_guesses)
         ids = self._prompt_ids(prompt)
         stream = stream or TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
         sampler = Sampler(params)
-        proposer = LookupProposer() if speculative and params.temperature == 0 else None
         start = time.perf_counter()
         logits = self._prefill(ids)
         self.timings = {"prompt_tokens": len(ids), "prefill_tokens": self._last_fed,
@@ -261,39 +272,40 @@ class LLM:
             yield text
         return stream
 
+    def _proposer(self, speculative: str | None, max_guesses: int) -> Proposer | None:
+        if speculative is None:
+            return None
+        if isinstance(max_guesses, bool) or not isinstance(max_guesses, int) or max_guesses < 1:
+            raise ValueError(f"max_guesses must be a positive integer, got {max_guesses!r}")
+        if speculative == "lookup":
+            return LookupProposer(k_max=max_guesses)
+        if speculative == "draft":
+            if self.draft is None:
+                raise ValueError("speculative='draft' needs a draft model: LLM(..., draft_model=PATH)")
+            return DraftProposer(self.draft, k_max=max_guesses)
+        raise ValueError(f"speculative must be None, 'lookup' or 'draft', got {speculative!r}")
+
     def _tokens(self, logits: np.ndarray, context: list[int], sampler: Sampler,
-                proposer: LookupProposer | None, max_tokens: int) -> Iterator[int]:
+                proposer: Proposer | None, max_tokens: int) -> Iterator[int]:
         """Tokens generated after `context` (whose last token's logits are `logits`) until the
         context is full; `context` grows as they come. With a proposer, each step feeds the last
-        token and the proposer's guesses, and keeps the guesses that equal the tokens the sampler
-        (greedy) chooses after the ones before them; the cache then forgets the rest, and the
-        logits after the last one kept give the next token."""
-        token = sampler(logits, context)
+        token and the proposer's guesses, `speculative.verify` keeps the guesses the sampler
+        accepts and chooses one token more; the cache then forgets the guesses rejected."""
+        chosen = verify(sampler, [logits], [], context)
         generated = 0
         while True:
-            context.append(token)
-            generated += 1
-            yield token
-            room = self.n_ctx - self._sequence.position - 1  # guesses that fit after the token
+            for token in chosen:
+                generated += 1
+                yield token
+            room = self.n_ctx - self._sequence.position - 1  # guesses that fit after the last token
             if room < 0:
                 return
             guesses = proposer.propose(context, min(room, max_tokens - generated - 1)) if proposer else []
-            rows = self._feed([token] + guesses, all_logits=True)  # [1 + guesses, vocab]
-            n = len(context)
-            for row, guess in zip(rows, guesses):
-                token = sampler(row, context)
-                if token != guess:
-                    break
-                context.append(token)
-            else:
-                token = sampler(rows[-1], context)
-            accepted = context[n:]
+            rows = self._feed(chosen[-1:] + guesses, all_logits=True)  # [1 + guesses, vocab]
+            chosen = verify(sampler, rows, guesses, context)
             if guesses:
-                proposer.record(len(guesses), len(accepted))
-                self._rewind(len(guesses) - len(accepted))
-            for t in accepted:
-                generated += 1
-                yield t
+                proposer.record(len(guesses), len(chosen) - 1)
+                self._rewind(len(guesses) + 1 - len(chosen))
 
     def _prefill(self, ids: list[int]) -> np.ndarray:
         """Logits after `ids`, reusing the longest prefix already in the cache."""
@@ -326,12 +338,13 @@ class LLM:
                           min_p: float = 0.05, repeat_penalty: float = 1.0,
                           presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                           stop: str | list[str] | None = None, seed: int | None = None,
-                          stream: bool = False, speculative: str | None = None):
-        """speculative="lookup": as in `stream` (greedy only)."""
+                          stream: bool = False, speculative: str | None = None, max_guesses: int = 8):
+        """speculative, max_guesses: as in `stream`."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, seed=seed)
-        return self._openai(prompt, max_tokens, stop, params, stream, chat=False, speculative=speculative)
+        return self._openai(prompt, max_tokens, stop, params, stream, chat=False, speculative=speculative,
+                            max_guesses=max_guesses)
 
     __call__ = create_completion
 
@@ -341,11 +354,11 @@ class LLM:
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                stop: str | list[str] | None = None, seed: int | None = None,
                                stream: bool = False, truncate: str | None = None,
-                               speculative: str | None = None):
+                               speculative: str | None = None, max_guesses: int = 8):
         """truncate="oldest": a conversation too long for the context loses its oldest turns
         (system messages stay), leaving room for max_tokens (default a quarter of the context);
         the result's "dropped_messages" says how many went. Without it, too long is an error.
-        speculative="lookup": as in `stream` (greedy only)."""
+        speculative, max_guesses: as in `stream`."""
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, seed=seed)
@@ -355,7 +368,7 @@ class LLM:
         elif truncate is not None:
             raise ValueError(f"truncate must be None or 'oldest', got {truncate!r}")
         result = self._openai(self.chat_prompt(messages), max_tokens, stop, params, stream, chat=True,
-                              speculative=speculative)
+                              speculative=speculative, max_guesses=max_guesses)
         if not dropped:
             return result
         if stream:
@@ -388,7 +401,8 @@ class LLM:
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.tokenizer.token_text(token_id)
 
-    def _openai(self, prompt, max_tokens, stop, params, stream: bool, chat: bool, speculative=None):
+    def _openai(self, prompt, max_tokens, stop, params, stream: bool, chat: bool, speculative=None,
+                max_guesses=8):
         ids = self._prompt_ids(prompt)
         budget = self.n_ctx - len(ids)
         max_tokens = budget if max_tokens is None or max_tokens <= 0 else min(max_tokens, budget)
@@ -396,7 +410,8 @@ class LLM:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}
         text_stream = TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
-        pieces = self._pieces(ids, max_tokens, stop, params, stream=text_stream, speculative=speculative)
+        pieces = self._pieces(ids, max_tokens, stop, params, stream=text_stream, speculative=speculative,
+                              max_guesses=max_guesses)
         usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": len(text_stream.tokens),  # noqa: E731
                          "total_tokens": len(ids) + len(text_stream.tokens)}
         if not stream:
@@ -419,6 +434,25 @@ class LLM:
                 {"index": 0, **last, "finish_reason": text_stream.finish_reason}], "usage": usage()}
 
         return chunks()
+
+
+def check_draft(target: LLM, draft: LLM) -> None:
+    """A ValueError unless `draft` can propose tokens for `target`: the same vocabulary (its
+    size, BOS and EOS, and the bytes of 64 tokens spread over it)."""
+    a, b = target.tokenizer, draft.tokenizer
+    sizes = [(m.config.vocab_size, m.tokenizer.vocab_size) for m in (target, draft)]
+    ids = range(0, a.vocab_size, max(1, a.vocab_size // 64))
+    differ = None
+    if sizes[0] != sizes[1]:
+        differ = f"{sizes[1][1]} tokens, not {sizes[0][1]}" if sizes[0][1] != sizes[1][1] else \
+            f"logits for {sizes[1][0]} tokens, not {sizes[0][0]}"
+    elif (a.bos_id, a.eos_id) != (b.bos_id, b.eos_id):
+        differ = f"BOS / EOS {b.bos_id} / {b.eos_id}, not {a.bos_id} / {a.eos_id}"
+    elif (t := next((t for t in ids if a.token_bytes(t) != b.token_bytes(t)), None)) is not None:
+        differ = f"token {t} is {b.token_bytes(t)!r}, not {a.token_bytes(t)!r}"
+    if differ:
+        raise ValueError(f"the draft model's vocabulary is not the model's ({differ}): "
+                         "a draft model needs the same tokenizer")
 
 
 # ----------------------------------------------------------------------- perplexity helpers

@@ -44,10 +44,31 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, context: list[int]) -> int:
         """The next token after `context` (prompt and generated tokens so far)."""
+        tokens, probs = self.distribution(logits, context)
+        if self.params.temperature == 0:
+            return int(tokens[0])
+        return int(tokens[self.rng.choice(len(tokens), p=probs)])
+
+    def verify(self, logits: np.ndarray, context: list[int], guess: int) -> int:
+        """The next token after `context`, given a proposer's guess of it (speculative decoding;
+        the proposer deterministic, so its distribution q is one-hot at `guess`): `guess` when
+        accepted, else another token. Distributed exactly as `__call__`'s token; greedy, it is
+        the same token."""
+        tokens, probs = self.distribution(logits, context)
+        if self.params.temperature == 0:
+            return int(tokens[0])
+        p = np.zeros(len(logits))
+        p[tokens] = probs
+        return speculative_choice(p, None, guess, self.rng)
+
+    def distribution(self, logits: np.ndarray, context: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, probabilities): what the next token after `context` is drawn from, the tokens
+        that survive penalties, top-k, min-p and top-p, with their probabilities at the
+        temperature. Greedy (temperature 0): the best token alone."""
         p = self.params
         logits = self._penalized(np.array(logits, dtype=np.float64), context)
         if p.temperature == 0:
-            return int(np.argmax(logits))
+            return np.array([np.argmax(logits)]), np.ones(1)
         # No full sort of the vocabulary (12 ms for 128k tokens, per token of every stream):
         # top-k takes a partial one, min-p a threshold, and top-p sorts only what survives them.
         keep = _best(logits, p.top_k) if p.top_k else np.arange(len(logits))
@@ -57,8 +78,7 @@ class Sampler:
             keep, probs = keep[kept], probs[kept]
         if p.top_p < 1:
             keep = keep[_nucleus(probs, p.top_p)]
-        probs = _softmax(logits[keep], p.temperature)
-        return int(keep[self.rng.choice(len(keep), p=probs)])
+        return keep, _softmax(logits[keep], p.temperature)
 
     def _penalized(self, logits: np.ndarray, context: list[int]) -> np.ndarray:
         p = self.params
@@ -69,6 +89,30 @@ class Sampler:
                 logits[token] = v / p.repeat_penalty if v > 0 else v * p.repeat_penalty
             logits[token] -= p.presence_penalty + p.frequency_penalty * count
         return logits
+
+
+def speculative_choice(p: np.ndarray, q: np.ndarray | None, guess: int, rng: np.random.Generator) -> int:
+    """Speculative sampling's acceptance rule: Leviathan, Kalman and Matias, "Fast inference
+    from transformers via speculative decoding" (ICML 2023), Algorithm 1; Chen et al.,
+    "Accelerating large language model decoding with speculative sampling" (2023).
+
+    p: the target model's distribution of the next token, as plain sampling draws it; q: the
+    proposer's, from which `guess` was drawn (None: a deterministic proposer, q one-hot at
+    `guess`). Returns `guess` with probability min(1, p(guess) / q(guess)): accepted; otherwise
+    a token drawn from the residual distribution normalize(max(0, p - q)), which is never `guess`
+    (a rejected guess has p(guess) < q(guess)). The token returned is distributed as p exactly:
+    P(t) = q(t) min(1, p(t)/q(t)) + residual(t) sum_x q(x) (1 - min(1, p(x)/q(x)))
+         = min(q(t), p(t)) + max(0, p(t) - q(t)) = p(t).
+    When every guess of a step is accepted, the next token (the bonus) is drawn from p as usual.
+    """
+    if q is None:
+        q = np.zeros(len(p))
+        q[guess] = 1.0
+    if rng.random() < p[guess] / q[guess]:
+        return guess
+    residual = np.maximum(p - q, 0.0)
+    support = np.flatnonzero(residual)
+    return int(support[rng.choice(len(support), p=residual[support] / residual[support].sum())])
 
 
 def _best(values: np.ndarray, k: int) -> np.ndarray:

@@ -1,56 +1,66 @@
 """Guesses of the next tokens for speculative decoding, to be verified by the model in one step.
 
-`LookupProposer` is prompt lookup (n-gram matching): output often repeats its input (code
-edits, quotes, lists), so the tokens that followed the last occurrence of the current n-gram
-are a good guess of what follows now. No second model, no memory beyond an index of n-grams.
+A step feeds the last token and k guesses, and gets the model's logits after each (one pass over
+the weights, which costs little more than one token's); `verify` keeps the guesses the model's
+sampler agrees with (exactly: the output is distributed as plain decoding's, token for token the
+same when greedy), the cache then forgets the rest.
+
+- `LookupProposer` is prompt lookup (n-gram matching): output often repeats its input (code
+  edits, quotes, lists), so the tokens that followed the last occurrence of the current n-gram
+  are a good guess of what follows now. No second model, no memory beyond an index of n-grams.
+- `DraftProposer` asks a smaller model with the same tokenizer (its greedy continuation).
+
+Both adapt k to how their guesses fare (`Proposer`), so a bad guesser costs almost nothing.
 """
 
 from __future__ import annotations
 
+import numpy as np
 
-class LookupProposer:
-    """Proposes up to k tokens: those that followed the most recent earlier occurrence of the
-    context's last `max_ngram` tokens, else of its last max_ngram - 1, ... down to `min_ngram`
-    (longest first: a longer match is a better predictor). Nothing when no n-gram matches, so
-    text that never repeats costs no verification.
+from .sampling import Sampler
 
-    k adapts to how the guesses fare (`record`): it doubles, up to k_max, when all of them were
-    accepted, and becomes one more than the number accepted when one was rejected. When even a
-    single guess is rejected, proposing pauses for 1, 2, 4 ... up to 32 steps (back to 1 after any
-    acceptance), so a bad guesser costs almost nothing.
 
-    One proposer per generation: the context it is given only grows (what it has indexed stays).
-    """
+def verify(sampler: Sampler, rows: np.ndarray, guesses: list[int], context: list[int]) -> list[int]:
+    """The tokens chosen after `context`, given the logits `rows` after its last token and after
+    each guess: the guesses accepted (`Sampler.verify`), then one more, drawn from the residual
+    distribution after the first rejected guess or, when all were accepted, from the row after the
+    last (the bonus token). Without guesses: one token sampled plainly from rows[0]. `context`
+    grows by the tokens chosen, so each position's penalties see the guesses accepted before it."""
+    n = len(context)
+    for row, guess in zip(rows, guesses):
+        token = sampler.verify(row, context, guess)
+        context.append(token)
+        if token != guess:
+            return context[n:]
+    context.append(sampler(rows[len(guesses)], context))
+    return context[n:]
 
-    def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1, k: int = 4, k_max: int = 8):
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        if not 1 <= k <= k_max:
-            raise ValueError(f"need 1 <= k <= k_max, got {k}, {k_max}")
-        self.ngrams = range(max_ngram, min_ngram - 1, -1)
-        self.k, self.k_max = k, k_max
+
+class Proposer:
+    """Proposes up to k guesses per step (`propose`); k adapts to how they fare (`record`): it
+    doubles, up to k_max, when all of them were accepted, and becomes one more than the number
+    accepted when one was rejected. When even a single guess is rejected, proposing pauses for 1,
+    2, 4 ... up to 32 steps (back to 1 after any acceptance), so a bad guesser costs almost nothing.
+
+    One proposer per generation: the context it is given only grows."""
+
+    def __init__(self, *, k: int = 4, k_max: int = 8):
+        if k < 1 or k_max < 1:
+            raise ValueError(f"k and k_max must be at least 1, got {k}, {k_max}")
+        self.k, self.k_max = min(k, k_max), k_max  # k: the first step's
         self.proposed = self.accepted = 0  # totals, for statistics
-        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its last occurrence is
-        self._indexed = 0  # context positions whose preceding n-grams are in _next
         self._pause, self._backoff = 0, 1
 
     def propose(self, context: list[int], limit: int | None = None) -> list[int]:
         """Up to min(k, limit) guesses of the tokens after `context` (prompt and output so far)."""
-        for end in range(self._indexed, len(context)):  # index the n-grams that now have a successor
-            for n in self.ngrams:
-                if end >= n:
-                    self._next[tuple(context[end - n : end])] = end
-        self._indexed = max(self._indexed, len(context))
         k = self.k if limit is None else min(self.k, limit)
         if self._pause:
             self._pause -= 1
             return []
-        if k <= 0:
-            return []
-        for n in self.ngrams:
-            if len(context) >= n and (at := self._next.get(tuple(context[-n:]))) is not None:
-                return context[at : at + k]
-        return []
+        return self._guess(context, k) if k > 0 else []
+
+    def _guess(self, context: list[int], k: int) -> list[int]:
+        raise NotImplementedError
 
     def record(self, proposed: int, accepted: int) -> None:
         """How many of the last guesses the model accepted (the first `accepted` of `proposed`)."""
@@ -66,3 +76,50 @@ class LookupProposer:
             self._backoff = 1
         elif proposed == 1:
             self._pause, self._backoff = self._backoff, min(32, 2 * self._backoff)
+
+
+class LookupProposer(Proposer):
+    """Proposes the tokens that followed the most recent earlier occurrence of the context's last
+    `max_ngram` tokens, else of its last max_ngram - 1, ... down to `min_ngram` (longest first: a
+    longer match is a better predictor). Nothing when no n-gram matches, so text that never
+    repeats costs no verification."""
+
+    def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1, k: int = 4, k_max: int = 8):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        super().__init__(k=k, k_max=k_max)
+        self.ngrams = range(max_ngram, min_ngram - 1, -1)
+        self._next: dict[tuple[int, ...], int] = {}  # n-gram -> where the token after its last occurrence is
+        self._indexed = 0  # context positions whose preceding n-grams are in _next
+
+    def _guess(self, context: list[int], k: int) -> list[int]:
+        for end in range(self._indexed, len(context)):  # index the n-grams that now have a successor
+            for n in self.ngrams:
+                if end >= n:
+                    self._next[tuple(context[end - n : end])] = end
+        self._indexed = max(self._indexed, len(context))
+        for n in self.ngrams:
+            if len(context) >= n and (at := self._next.get(tuple(context[-n:]))) is not None:
+                return context[at : at + k]
+        return []
+
+
+class DraftProposer(Proposer):
+    """Proposes the greedy continuation of a draft model (a `tritlm.LLM` with the target's
+    tokenizer), run by its own engine on its own sequence. Before each proposal the draft's cache
+    is rewound to the longest start of the context it holds (dropping the guesses the target
+    rejected, as the target's cache does) and fed the rest."""
+
+    def __init__(self, draft, *, k: int = 4, k_max: int = 8):
+        super().__init__(k=k, k_max=k_max)
+        self.draft = draft
+
+    def _guess(self, context: list[int], k: int) -> list[int]:
+        k = min(k, self.draft.n_ctx - len(context))  # the draft's cache must hold them
+        if k <= 0:
+            return []
+        logits = self.draft._prefill(context)
+        guesses = [int(np.argmax(logits))]
+        while len(guesses) < k:
+            guesses.append(int(np.argmax(self.draft._feed(guesses[-1:]))))
+        return guesses

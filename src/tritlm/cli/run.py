@@ -27,10 +27,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
     p.add_argument("-s", "--seed", type=int, default=None, help="random seed (same seed, same text)")
     p.add_argument("-cnv", "--conversation", action="store_true", help="chat mode")
-    p.add_argument("--lookup", action="store_true",
-                   help="prompt-lookup speculative decoding: also check guesses copied from earlier "
-                        "text in each step (same text, faster where the output repeats the prompt); "
-                        "greedy (-temp 0) only, ignored with sampling")
+    speculative = p.add_mutually_exclusive_group()
+    speculative.add_argument("--lookup", type=int, nargs="?", const=8, default=None, metavar="N",
+                             help="prompt-lookup speculative decoding: each step also checks up to N "
+                                  "(default 8) guesses copied from earlier text; the model's own output, "
+                                  "faster where it repeats the prompt")
+    speculative.add_argument("--draft", default=None, metavar="MODEL",
+                             help="speculative decoding with a draft model: a smaller model with the same "
+                                  "tokenizer (path or Hub id) proposes up to 8 guesses a step, run by the "
+                                  "same engine (loaded with the same -c, -t and --device)")
     p.set_defaults(func=run)
 
 
@@ -39,13 +44,15 @@ def run(args) -> int:
 
     if args.n_predict < 1:
         raise ValueError("-n must be at least 1")
+    if args.lookup is not None and args.lookup < 1:
+        raise ValueError("--lookup N needs N of at least 1")
     llm = LLM(args.model, n_ctx=args.ctx_size or _default_ctx(args.model), n_threads=args.threads,
-              device=args.device)
-    sampling = dict(temperature=args.temperature, seed=args.seed,
-                    speculative="lookup" if args.lookup else None)
-    if args.lookup and args.temperature > 0:
-        print("tritlm: --lookup works with greedy decoding only (-temp 0); sampling plainly",
-              file=sys.stderr)
+              device=args.device, draft_model=args.draft)
+    sampling = dict(temperature=args.temperature, seed=args.seed)
+    if args.lookup:
+        sampling |= dict(speculative="lookup", max_guesses=args.lookup)
+    elif args.draft:
+        sampling |= dict(speculative="draft")
     if not args.conversation:
         if not args.prompt:
             raise ValueError("give a prompt with -p (or chat with -cnv)")
@@ -113,5 +120,5 @@ def report(t: dict) -> None:
     decode = (t["generated_tokens"] - 1) / t["decode_seconds"] if t["generated_tokens"] > 1 else 0.0
     print(f"\nprompt: {t['prompt_tokens']} tokens ({t['prefill_tokens']} computed) at {prefill:.1f} tokens/s"
           f" | generated: {t['generated_tokens']} tokens at {decode:.1f} tokens/s"
-          + (f" | lookup: {t['accepted_tokens']}/{t['proposed_tokens']} guesses accepted"
+          + (f" | speculative: {t['accepted_tokens']}/{t['proposed_tokens']} guesses accepted"
              if "proposed_tokens" in t else ""), file=sys.stderr)

@@ -50,6 +50,11 @@ def add_parser(subparsers) -> None:
                    help="comma-separated host names the Host header may carry, '*' for any (default: "
                         "localhost,127.0.0.1,[::1] when listening on a loopback address without an API "
                         "key, against DNS rebinding; else any)")
+    p.add_argument("--lookup", type=int, nargs="?", const=8, default=0, metavar="N",
+                   help="prompt-lookup speculative decoding for every request that does not opt out "
+                        "(\"speculative\": false): each step also verifies up to N (default 8) guesses "
+                        "copied from earlier text, in the same pass as the other requests' tokens; the "
+                        "model's own output, faster where it repeats the prompt (default: off)")
     p.set_defaults(func=run)
 
 
@@ -84,6 +89,8 @@ def run(args) -> int:
         raise ValueError("-n must be positive, or -1")
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError("--max-batch must be at least 1 and --max-queue at least 0")
+    if args.lookup < 0:
+        raise ValueError("--lookup N needs N of at least 0")
     if args.max_body_bytes < 1 or not args.read_timeout > 0:
         raise ValueError("--max-body-bytes must be at least 1 and --read-timeout positive")
     api_key = args.api_key or os.environ.get("TRITLM_API_KEY") or None
@@ -97,7 +104,7 @@ def run(args) -> int:
     app = create_app(llm, api_key=api_key, allowed_hosts=hosts, max_body_bytes=args.max_body_bytes,
                      max_batch=args.max_batch, max_queue=args.max_queue, ctx_per_slot=ctx,
                      max_tokens=args.n_predict, temperature=args.temperature, system_prompt=args.prompt,
-                     timeout=args.timeout or None)
+                     timeout=args.timeout or None, lookup=args.lookup)
     print(f"tritlm: serving {llm.model_name} on http://{args.host}:{args.port}/ "
           f"({args.max_batch} slots of {ctx} tokens)", file=sys.stderr)
     if not llm.can_generate:

@@ -47,17 +47,21 @@ def create_app(llm, *, api_key: str | None = None, allowed_hosts: list[str] | No
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch: int = 8, max_queue: int = 64,
                ctx_per_slot: int | None = None, max_tokens: int = 512, temperature: float = 0.8,
                system_prompt: str | None = None, prefill_chunk: int = 64,
-               timeout: float | None = 600.0, model_id: str | None = None) -> FastAPI:
+               timeout: float | None = 600.0, model_id: str | None = None, lookup: int = 0) -> FastAPI:
     """A FastAPI app serving `llm` (a `tritlm.LLM`). max_tokens and temperature are the defaults
     of requests that give none (max_tokens -1: until the slot's context is full); system_prompt
-    starts chats that have no system message. allowed_hosts: the host names the Host header may
+    starts chats that have no system message. lookup: prompt-lookup speculative decoding of every
+    request that does not opt out ("speculative": false), up to this many guesses a step (0: only
+    of requests that opt in, "speculative": true, with up to 8). allowed_hosts: the host names the Host header may
     carry (None or "*": any); max_body_bytes: the largest request body taken (else 413)."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     ctx = ctx_per_slot or llm.n_ctx
     scheduler = Scheduler(llm.engine, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
                           ctx_per_slot=ctx, prefill_chunk=prefill_chunk, timeout=timeout)
-    api = _API(llm, scheduler, model_id or llm.model_name, ctx, max_tokens, temperature, system_prompt)
+    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        raise ValueError(f"lookup must be a whole number of guesses, at least 0; got {lookup!r}")
+    api = _API(llm, scheduler, model_id or llm.model_name, ctx, max_tokens, temperature, system_prompt, lookup)
     http_counts: Counter = Counter()
 
     @asynccontextmanager
@@ -129,8 +133,9 @@ class _API:
     """What the endpoints do, with the model and the scheduler at hand."""
 
     def __init__(self, llm, scheduler: Scheduler, model_id: str, ctx: int, max_tokens: int,
-                 temperature: float, system_prompt: str | None):
+                 temperature: float, system_prompt: str | None, lookup: int):
         self.llm, self.tokenizer, self.scheduler = llm, llm.tokenizer, scheduler
+        self.lookup = lookup
         self.model_id, self.ctx, self.max_tokens = model_id, ctx, max_tokens
         self.temperature, self.system_prompt = temperature, system_prompt
         self.created = int(time.time())
@@ -238,6 +243,7 @@ class _API:
             prompts = await run_in_threadpool(self.completion_ids, texts)
             requested, top = body.max_tokens, body.logprobs
         t = self.temperature if body.temperature is None else body.temperature
+        lookup = self.lookup if body.speculative is None else (self.lookup or 8) if body.speculative else 0
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_id} | ({"dropped_messages": dropped} if dropped else {})
         run = _Run()
@@ -254,7 +260,7 @@ class _API:
                     seed=None if body.seed is None else body.seed + j)  # choices differ, reproducibly
                 jobs.append(Job(prompt=ids, on_event=run.sink(len(jobs)), params=params,
                                 max_tokens=min(limit, room), stop=stop, ignore_eos=body.ignore_eos,
-                                logprobs=top, id=head["id"]))
+                                logprobs=top, lookup=lookup, id=head["id"]))
         self.scheduler.submit(jobs)
         shape = _Shape(self, chat, head, sum(len(ids) for ids in prompts))
         if body.stream:
@@ -603,6 +609,9 @@ def _metrics(scheduler: Scheduler, http_counts: Counter) -> str:
     metric("prompt_tokens_total", "counter", "Prompt tokens computed (reused cached prefixes not counted).",
            [({}, m.prompt_tokens)])
     metric("completion_tokens_total", "counter", "Tokens generated.", [({}, m.completion_tokens)])
+    metric("speculative_proposed_tokens_total", "counter",
+           "Guesses of the next tokens verified (speculative decoding).", [({}, m.proposed_tokens)])
+    metric("speculative_accepted_tokens_total", "counter", "Guesses the model accepted.", [({}, m.accepted_tokens)])
     metric("engine_steps_total", "counter", "Engine steps (one batched forward each).", [({}, m.steps)])
     metric("queue_depth", "gauge", "Sequences waiting for a slot.", [({}, state["queue"])])
     metric("running_sequences", "gauge", "Sequences holding a slot.", [({}, state["running"])])

@@ -2,7 +2,7 @@
 error, as it is for OpenAI; so are Infinity and NaN, which Python's JSON reader takes, and text
 with a lone surrogate, which JSON can carry and Unicode text can't). Fields OpenAI has and tritlm
 ignores (user, tools, ...) pass silently; `top_k`, `min_p`, `repeat_penalty` and `ignore_eos` are
-llama.cpp-style extras.
+llama.cpp-style extras, `speculative` tritlm's.
 
 Validation runs on the event loop, holding the GIL, so it must stay cheap whatever the body: lists
 of objects are capped (a list too long is refused before its items are looked at), a prompt that
@@ -83,6 +83,7 @@ class _Sampling(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    speculative: bool | None = None  # tritlm's: false opts out of the server's --lookup, true opts in
 
 
 class TextPart(_Body):

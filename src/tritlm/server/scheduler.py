@@ -3,6 +3,10 @@ active request with ONE `Engine.forward` call, so the weights are streamed once 
 of them. New requests join between steps; a newcomer's prompt is fed in chunks of at most
 `prefill_chunk` tokens per step, so the requests already decoding keep getting a token per step.
 
+A request may also decode speculatively (prompt lookup, `Job.lookup`): its step feeds its last token
+and the guesses of its `LookupProposer` (beside the other requests' tokens, in the same forward),
+`speculative.verify` keeps those its sampler accepts, and its slot forgets the rest.
+
 Each generation holds a slot: one of `max_batch` preallocated sequences of `ctx_per_slot` tokens,
 reused for the next request (rewound to the longest prompt prefix it already holds). Requests wait
 in a bounded FIFO queue for a slot. Cancelling (a client left) frees the slot at the next step
@@ -31,6 +35,7 @@ import numpy as np
 from .. import embeddings
 from ..generation import TextStream
 from ..sampling import Sampler, SamplingParams
+from ..speculative import LookupProposer, verify
 
 log = logging.getLogger("tritlm.server")
 
@@ -78,6 +83,7 @@ class Job:
     stop: list[str] | None = None
     ignore_eos: bool = False  # for benchmarks: end-of-turn tokens don't end the text
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
+    lookup: int = 0  # prompt-lookup speculative decoding: up to this many guesses a step (0: off)
     inputs: list[list[int]] | None = None  # an embedding job: the pooled vector of each
     timeout: float | None = None  # seconds from submission
     id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names it in the log
@@ -101,6 +107,7 @@ class Metrics:
         self.requests = {"completed": 0, "cancelled": 0, "timeout": 0, "error": 0, "rejected": 0}
         self.prompt_tokens = 0  # computed (prefilled), not counting reused prefixes
         self.completion_tokens = 0
+        self.proposed_tokens = self.accepted_tokens = 0  # speculative decoding's guesses
         self.steps = 0
         self.batch_size = 0  # sequences in the last step
         self.window = deque()  # (time, tokens generated) of recent steps, for tokens/s
@@ -134,6 +141,7 @@ class _Running:
             return
         self.context = list(job.prompt)  # prompt + generated: the sampler's penalty window
         self.sampler = Sampler(job.params)
+        self.proposer = LookupProposer(k_max=job.lookup) if job.lookup else None
         self.stream = TextStream(tokenizer, max_tokens=job.max_tokens, stop=job.stop,
                                  stop_ids=set() if job.ignore_eos else None)
         self.pending_logprobs: list = []
@@ -306,24 +314,26 @@ class Scheduler:
                 _notify(job, Event(error=internal_error(job.id)))
 
     def _step(self, running: list[_Running]) -> None:
-        """One engine step: every decoding job gets one token, prefilling ones share a budget of
-        prompt tokens (larger when nobody is decoding, as nobody waits then)."""
+        """One engine step: every decoding job gets one token (and its guesses verified, if it has
+        a proposer), prefilling ones share a budget of prompt tokens (larger when nobody is
+        decoding, as nobody waits then)."""
         decoding = [r for r in running if r.next_token is not None]
         budget = self.prefill_chunk if decoding else max(self.prefill_chunk, self.engine.prefill_chunk)
-        batch, fed = [], []
+        batch, fed = [], []  # fed: (job, its tokens, how many of them are guesses)
         for r in running:
             job = r.job
             if job.embedding:
                 continue
             if r.next_token is not None:
-                batch.append((self.slots[job.slot], [r.next_token]))
-                fed.append((r, [r.next_token]))
+                guesses = r.proposer.propose(r.context, self._room(r)) if r.proposer else []
+                batch.append((self.slots[job.slot], [r.next_token] + guesses))
+                fed.append((r, batch[-1][1], len(guesses)))
             elif budget > 0:
                 chunk = job.prompt[job.fed : job.fed + budget]
                 budget -= len(chunk)
                 batch.append((self.slots[job.slot], chunk))
-                fed.append((r, chunk))
-        logits = self.engine.forward(batch) if batch else []
+                fed.append((r, chunk, 0))
+        logits = self.engine.forward(batch, all_logits=[n > 0 for _, _, n in fed]) if batch else []
         embedding = [r for r in running if r.job.embedding]
         if embedding and budget > 0:
             try:
@@ -332,7 +342,7 @@ class Scheduler:
                 for r in embedding:
                     self._fail(r)
         generated = 0  # sampling runs without the lock: the server keeps answering meanwhile
-        for (r, tokens), row in zip(fed, logits):
+        for (r, tokens, n), rows in zip(fed, logits):
             self.slot_tokens[r.job.slot].extend(tokens)
             if r.next_token is None:
                 r.job.fed += len(tokens)
@@ -342,22 +352,38 @@ class Scheduler:
             if r.job.cancelled:  # left during the step: don't sample for nobody
                 continue
             try:
-                self._sample(r, row[-1])
-                generated += 1
+                generated += self._advance(r, rows, tokens[len(tokens) - n:] if n else [])
             except Exception:
                 self._fail(r)
         self.metrics.step(len(batch), generated)
 
-    def _sample(self, r: _Running, logits: np.ndarray) -> None:
-        job = r.job
-        token = r.sampler(logits, r.context)
-        r.context.append(token)
-        if job.logprobs is not None:
-            r.pending_logprobs.append(_logprobs(logits, token, job.logprobs))
-        text = r.stream.push(token)
-        if not r.stream.finish_reason and self.slots[job.slot].position >= self.ctx_per_slot:
-            text += r.stream.finish("length")  # the slot is full: no room for this token
-        r.next_token = token
+    def _room(self, r: _Running) -> int:
+        """The most guesses worth feeding with the job's next token: what its slot has room for
+        and its max_tokens still allows after that token."""
+        return min(self.ctx_per_slot - self.slots[r.job.slot].position, r.job.max_tokens - len(r.stream.tokens)) - 1
+
+    def _advance(self, r: _Running, rows: np.ndarray, guesses: list[int]) -> int:
+        """Choose the job's next tokens from its logits rows (after its last token fed, and after
+        each guess), forget the guesses rejected, report the tokens; how many were reported."""
+        job, slot = r.job, self.slots[r.job.slot]
+        chosen = verify(r.sampler, rows, guesses, r.context)
+        if guesses:
+            slot.truncate(slot.position - (len(guesses) + 1 - len(chosen)))
+            del self.slot_tokens[job.slot][slot.position:]
+            r.proposer.record(len(guesses), len(chosen) - 1)
+            self.metrics.proposed_tokens += len(guesses)
+            self.metrics.accepted_tokens += len(chosen) - 1
+        text, reported = "", 0
+        for token, logits in zip(chosen, rows):
+            if job.logprobs is not None:
+                r.pending_logprobs.append(_logprobs(logits, token, job.logprobs))
+            text += r.stream.push(token)
+            reported += 1
+            if r.stream.finish_reason:
+                break
+        if not r.stream.finish_reason and slot.position >= self.ctx_per_slot:
+            text += r.stream.finish("length")  # the slot is full: no room for the last token
+        r.next_token = chosen[-1]
         event = Event(text=text, logprobs=r.pending_logprobs, completion_tokens=len(r.stream.tokens))
         if r.stream.finish_reason:
             event.finish_reason = r.stream.finish_reason
@@ -365,6 +391,7 @@ class Scheduler:
         elif text:  # logprobs of tokens without text yet wait for the text they complete
             r.pending_logprobs = []
             job.on_event(event)
+        return reported
 
     def _embed_step(self, running: list[_Running], budget: int) -> None:
         """Advance the embedding jobs by at most `budget` tokens in one batched pass: the input
