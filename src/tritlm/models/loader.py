@@ -172,7 +172,8 @@ GEMMA3_WINDOW_EVERY = 6  # Gemma3: five sliding-window layers, then one full; it
 
 
 def hf_config(config: dict, where: str = "config.json", pooling: str | None = None) -> ModelConfig:
-    """pooling: a sentence-transformers model's ("last" or "mean"), which makes it an embedding model."""
+    """pooling: a sentence-transformers model's ("last" or "mean"); with a base model (no
+    *ForCausalLM class, so no LM head) it makes an embedding model."""
     checked(config, dict, where)
 
     def get(key, kind=None, default=None, within=config):  # null counts as absent, as in transformers
@@ -247,7 +248,8 @@ def hf_config(config: dict, where: str = "config.json", pooling: str | None = No
         head_dim=get("head_dim", default=0),
         rope_style="neox",  # transformers rotates halves
         tied_embeddings=get("tie_word_embeddings", default=False),
-        pooling=pooling or "mean", embedding_only=pooling is not None,
+        pooling=pooling or "mean",
+        embedding_only=pooling is not None and not any(str(a).endswith("ForCausalLM") for a in architectures),
         **options,
     )
 
