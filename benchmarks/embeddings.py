@@ -88,7 +88,8 @@ def tritlm_worker(path: str, threads: int, texts: list[list[int]], repeats: int)
 def llama_worker(path: str, threads: int, texts: list[list[int]], repeats: int) -> list[float]:
     import llama_cpp as ll
 
-    ll.llama_log_set(ll.llama_log_callback(lambda level, text, user: None), None)
+    quiet = ll.llama_log_callback(lambda level, text, user: None)  # (kept referenced while llama.cpp may call it)
+    ll.llama_log_set(quiet, None)
     ll.llama_backend_init()
     model = ll.llama_model_load_from_file(os.fsencode(path), ll.llama_model_default_params())
     n = sum(map(len, texts))
@@ -134,7 +135,7 @@ def spawn(kind: str, path: str, threads: int, texts_file: str, repetitions: int)
                "-r", str(repetitions), "--texts-file", texts_file, "--result", out.name]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if done.returncode:
-            raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"{kind} worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         with open(out.name) as f:
             return json.load(f)
 

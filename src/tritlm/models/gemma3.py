@@ -5,10 +5,12 @@ Gemma's habits: the embedding is scaled by sqrt(hidden_size); its RMSNorms multi
 attention and FFN outputs are normed again before the residual (post norms); q and k are normed
 per head; GELU (tanh approximation) gates the FFN; attention scales by query_pre_attn_scalar^-1/2;
 five of every six layers attend to a sliding window of recent keys, with their own RoPE theta.
-Last-token pooling, then L2 normalisation.
+Pooled as the files declare (sentence-transformers' Pooling module, GGUF `pooling_type`).
 
 GGUF: arch `gemma3` as bitnet.cpp's convert-bitnet-embedding-270m-to-gguf.py writes it (norms
-copied as stored, so still w, not 1 + w); Hugging Face: Gemma3TextModel.
+copied as stored, so still w, not 1 + w); Hugging Face: Gemma3TextModel. Unchecked against the
+published weights (not at hand): that their Gemma norms are stored as w, as transformers'
+Gemma3RMSNorm reads them; the model card's printed vector would tell.
 """
 
 from .arch import HF_PROJECTIONS, PROJECTIONS, Architecture

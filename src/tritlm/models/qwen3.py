@@ -1,6 +1,7 @@
 """BitNet-embedding-0.6B: a Qwen3 block (q and k RMS-normed per head before RoPE) whose seven
 projections are BitLinear layers, each RMS-norming its own input (`*_norm_in`) before the int8
-quantization. Last-token pooling, then L2 normalisation.
+quantization. Pooled as the files declare (sentence-transformers' Pooling module, GGUF
+`pooling_type`), then L2-normalised.
 
 GGUF: arch `qwen3` as bitnet.cpp's convert-bitnet-embedding-to-gguf.py writes it (I2_S, F16
 norms, no output.weight, `qwen3.pooling_type`); Hugging Face: Qwen3Model with `*.norm` inside
