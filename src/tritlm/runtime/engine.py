@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _native, kernels
+from . import memory
 from ..kernels import Part, TernaryMatrix
 from ..models.arch import Architecture
 from ..models.config import ModelConfig
@@ -55,8 +56,9 @@ def stacks(arch: Architecture) -> dict[str, list[tuple[str, ...]]]:
 
 
 def _part(name: str, tensor) -> Part:
-    if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes
-        return Part(tensor.layout, tensor.region.read(), tensor.shape, tensor.row_scale, name)
+    if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes, read once: the
+        # arena holds the only copy (the file's pages are dropped from the page cache behind the read)
+        return Part(tensor.layout, tensor.region.read(drop_behind=True), tensor.shape, tensor.row_scale, name)
     return Part("int8", tensor.ternary, tensor.shape, tensor.scale, name)
 
 
@@ -80,7 +82,7 @@ class _Arena:
         return self.buffer[start : start + nbytes]
 
     def copy_of(self, matrix: FloatMatrix) -> FloatMatrix:
-        matrix.read_into(data := self.take(matrix.nbytes))
+        matrix.read_into(data := self.take(matrix.nbytes), drop_behind=True)
         return FloatMatrix(data, matrix.type, matrix.rows, matrix.cols)
 
 
@@ -130,6 +132,7 @@ class Engine:
                  for key, group in stacks(arch).items() for names in group] for i in range(config.n_layers)]
         layout = [weight_layout or kernels.best_layout(self.isa, _stacked_shape(stack)[1]) for _, _, stack in plan[0]]
         nbytes = [TernaryMatrix.nbytes_of(_stacked_shape(stack), lay) for (_, _, stack), lay in zip(plan[0], layout)]
+        self._check_memory(plan[0], layout, floats)  # before anything big is allocated
         arena = _Arena([f.nbytes for f in floats] + nbytes * config.n_layers)
         self.weights = arena.buffer  # uint8: every weight a step streams
         self.head = arena.copy_of(head)
@@ -154,6 +157,37 @@ class Engine:
                   for i, layer in enumerate(self.layers)]
         self._model = _native.Model(dims, layers, self.embedding.data, self.embedding.type, self.head.data,
                                     self.head.type, np.ascontiguousarray(tensors["output_norm"], dtype=np.float32))
+
+    def memory_need(self, layer: list, layout: list[str], floats: list) -> memory.MemoryNeed:
+        """What this engine allocates with the groups of one layer (`layer`: (key, norm, stack) as
+        the constructor plans them; every layer alike) in `layout`: see `memory.MemoryNeed`."""
+        c = self.config
+        weights = sum(_Arena._aligned(TernaryMatrix.nbytes_of(_stacked_shape(stack), lay)) + 4 * _stacked_shape(stack)[0]
+                      for (_, _, stack), lay in zip(layer, layout)) * c.n_layers  # (+ float32 row scales)
+        shapes = [_stacked_shape(stack) for _, _, stack in layer]
+        qd, kvd, d, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        max_k, max_m = max(k for _, k in shapes), max(m for m, _ in shapes)
+        # a step of T tokens: model.cpp's float buffers, project()'s, the int8 activations, the logits
+        per_token = 4 * (2 * d + qd + 2 * kvd + qd + qd + max(d, 2 * f) + f + 2 * max_k + max_m + c.vocab_size) + max_k
+        step = min(self.prefill_chunk, self.n_ctx) * per_token
+        load = max(sum(t.region.nbytes for t in stack.values() if isinstance(t, StoredTernary))
+                   for _, _, stack in layer)  # one group's file bytes, read before it is packed
+        return memory.MemoryNeed(weights=weights, floats=sum(_Arena._aligned(m.nbytes) for m in floats),
+                                 kv=self.kv_bytes_per_token * self.n_ctx, scratch=max(step, load) + memory.SLACK)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return c.n_layers * 2 * c.n_kv_heads * c.head_dim * np.dtype(self.kv_dtype).itemsize
+
+    def _check_memory(self, layer: list, layout: list[str], floats: list) -> None:
+        """ValueError if the engine will not fit in the memory available, naming what would."""
+        options = [("+".join(sorted(set(layout))), self.memory_need(layer, layout, floats))]
+        k_ok = all(_stacked_shape(stack)[1] % 256 == 0 for _, _, stack in layer)
+        if k_ok and set(layout) != {"tiles5"}:
+            options.append(("weight_layout='tiles5' (1.6 bits per weight)",
+                            self.memory_need(layer, ["tiles5"] * len(layout), floats)))
+        memory.check_fits(options, self.n_ctx, self.kv_bytes_per_token)
 
     def set_threads(self, n_threads: int) -> None:
         if n_threads < 1:
