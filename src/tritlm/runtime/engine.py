@@ -22,6 +22,7 @@ from . import memory
 from ..kernels import Part, TernaryMatrix
 from ..models.arch import Architecture
 from ..models.config import ModelConfig
+from ..formats.region import FileRegion
 from ..models.loader import FloatMatrix, StoredTernary
 
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
@@ -55,11 +56,17 @@ def stacks(arch: Architecture) -> dict[str, list[tuple[str, ...]]]:
             for key, names in GROUPS.items()}
 
 
-def _part(name: str, tensor) -> Part:
-    if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes, read once: the
-        # arena holds the only copy (the file's pages are dropped from the page cache behind the read)
-        return Part(tensor.layout, tensor.region.read(drop_behind=True), tensor.shape, tensor.row_scale, name)
+def _part(name: str, tensor, drop_behind: bool) -> Part:
+    if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes, read once
+        return Part(tensor.layout, tensor.region.read(drop_behind=drop_behind), tensor.shape, tensor.row_scale, name)
     return Part("int8", tensor.ternary, tensor.shape, tensor.scale, name)
+
+
+def _file_bytes(tensor) -> int:
+    """Bytes of the tensor the engine will read from its file."""
+    if isinstance(tensor, StoredTernary):
+        return tensor.region.nbytes
+    return tensor.nbytes if isinstance(tensor, FloatMatrix) and isinstance(tensor.source, FileRegion) else 0
 
 
 def _stacked_shape(stack: dict) -> tuple[int, int]:
@@ -81,8 +88,8 @@ class _Arena:
         self.offset += self._aligned(nbytes)
         return self.buffer[start : start + nbytes]
 
-    def copy_of(self, matrix: FloatMatrix) -> FloatMatrix:
-        matrix.read_into(data := self.take(matrix.nbytes), drop_behind=True)
+    def copy_of(self, matrix: FloatMatrix, drop_behind: bool) -> FloatMatrix:
+        matrix.read_into(data := self.take(matrix.nbytes), drop_behind=drop_behind)
         return FloatMatrix(data, matrix.type, matrix.rows, matrix.cols)
 
 
@@ -132,16 +139,21 @@ class Engine:
                  for key, group in stacks(arch).items() for names in group] for i in range(config.n_layers)]
         layout = [weight_layout or kernels.best_layout(self.isa, _stacked_shape(stack)[1]) for _, _, stack in plan[0]]
         nbytes = [TernaryMatrix.nbytes_of(_stacked_shape(stack), lay) for (_, _, stack), lay in zip(plan[0], layout)]
-        self._check_memory(plan[0], layout, floats)  # before anything big is allocated
+        # Refused before anything big is allocated if it cannot fit. Where the arena and the
+        # file's pages would not both fit, each tensor's pages are dropped from the page cache
+        # behind its read: the arena is the only copy, and loading a 17 GB file does not push
+        # everything else out of memory (smaller models keep theirs: a reload is then quicker).
+        need, available = self._check_memory(plan[0], layout, floats)
+        drop = available is not None and need.total + sum(_file_bytes(t) for t in tensors.values()) > available
         arena = _Arena([f.nbytes for f in floats] + nbytes * config.n_layers)
         self.weights = arena.buffer  # uint8: every weight a step streams
-        self.head = arena.copy_of(head)
-        self.embedding = self.head if tied else arena.copy_of(tensors["token_embd"])
+        self.head = arena.copy_of(head, drop)
+        self.embedding = self.head if tied else arena.copy_of(tensors["token_embd"], drop)
         self.layers = []
         for i, layer in enumerate(plan):
             groups = {key: [] for key in GROUPS}
             for (key, norm, stack), lay, n in zip(layer, layout, nbytes):
-                matrix = TernaryMatrix.stack([_part(name, t) for name, t in stack.items()], lay, out=arena.take(n),
+                matrix = TernaryMatrix.stack([_part(name, t, drop) for name, t in stack.items()], lay, out=arena.take(n),
                                              n_threads=self.n_threads)
                 groups[key].append((tensors[f"blk.{i}.{norm}"] if norm else None, matrix))
             norms = {n: tensors[f"blk.{i}.{n}"] for n in BLOCK_NORMS if arch.has(n)}
@@ -180,14 +192,15 @@ class Engine:
         c = self.config
         return c.n_layers * 2 * c.n_kv_heads * c.head_dim * np.dtype(self.kv_dtype).itemsize
 
-    def _check_memory(self, layer: list, layout: list[str], floats: list) -> None:
-        """ValueError if the engine will not fit in the memory available, naming what would."""
+    def _check_memory(self, layer: list, layout: list[str], floats: list) -> tuple[memory.MemoryNeed, int | None]:
+        """ValueError if the engine will not fit in the memory available, naming what would; else
+        what it needs, and the bytes available (None: unknown)."""
         options = [("+".join(sorted(set(layout))), self.memory_need(layer, layout, floats))]
         k_ok = all(_stacked_shape(stack)[1] % 256 == 0 for _, _, stack in layer)
         if k_ok and set(layout) != {"tiles5"}:
             options.append(("weight_layout='tiles5' (1.6 bits per weight)",
                             self.memory_need(layer, ["tiles5"] * len(layout), floats)))
-        memory.check_fits(options, self.n_ctx, self.kv_bytes_per_token)
+        return options[0][1], memory.check_fits(options, self.n_ctx, self.kv_bytes_per_token)
 
     def set_threads(self, n_threads: int) -> None:
         if n_threads < 1:

@@ -113,16 +113,15 @@ def available_memory() -> int | None:
     return available
 
 
-def check_fits(options: list[tuple[str, MemoryNeed]], n_ctx: int, kv_per_token: int) -> None:
+def check_fits(options: list[tuple[str, MemoryNeed]], n_ctx: int, kv_per_token: int) -> int | None:
     """ValueError "needs N GB, M GB available" if the first of `options` (description, need) does
     not fit, naming what would: each other option at this n_ctx, or with the largest n_ctx that
-    fits beside it. TRITLM_MEMORY_CHECK=0 skips the check."""
-    if os.environ.get("TRITLM_MEMORY_CHECK", "1") == "0":
-        return
+    fits beside it. TRITLM_MEMORY_CHECK=0 skips the check. Returns the bytes available (None:
+    unknown)."""
     available = available_memory()
-    (what, need), alternatives = options[0], options[1:]
-    if available is None or need.total <= available:
-        return
+    (what, need) = options[0]
+    if available is None or need.total <= available or os.environ.get("TRITLM_MEMORY_CHECK", "1") == "0":
+        return available
     fits = []
     for i, (alt_what, alt) in enumerate(options):
         max_ctx = (available - (alt.total - alt.kv)) // kv_per_token if kv_per_token else 0
