@@ -199,7 +199,7 @@ def test_the_refusal_names_what_would_fit(gguf_256, monkeypatch):
     real = memory.check_fits
     monkeypatch.setattr(memory, "check_fits", lambda options, *a: needs.update(options) or real(options, *a))
     Engine(config, tensors, n_ctx=64, weight_layout="tiles")
-    tiles, tiles5 = needs["tiles"].total, needs["weight_layout='tiles5' (1.6 bits per weight)"].total
+    tiles, tiles5 = needs["tiles"].total, needs["weight_layout='tiles5' (--weight-layout tiles5: 1.6 bits per weight)"].total
     assert tiles5 < tiles
     kv64 = needs["tiles"].kv
     assert kv64 == config.n_layers * 2 * 64 * config.n_kv_heads * config.head_dim * 2  # f16, one sequence

@@ -198,7 +198,7 @@ class Engine:
         options = [("+".join(sorted(set(layout))), self.memory_need(layer, layout, floats))]
         k_ok = all(_stacked_shape(stack)[1] % 256 == 0 for _, _, stack in layer)
         if k_ok and set(layout) != {"tiles5"}:
-            options.append(("weight_layout='tiles5' (1.6 bits per weight)",
+            options.append(("weight_layout='tiles5' (--weight-layout tiles5: 1.6 bits per weight)",
                             self.memory_need(layer, ["tiles5"] * len(layout), floats)))
         return options[0][1], memory.check_fits(options, self.n_ctx, self.kv_bytes_per_token)
 
