@@ -281,3 +281,14 @@ def test_available_memory_respects_a_cgroup_limit(tmp_path):
     (v1 / "memory" / "memory.usage_in_bytes").write_text("500000")
     assert memory._cgroup_room(str(v1), str(tmp_path / "self1")) == 1500000
     assert memory.available_memory() > 0  # this machine's
+
+
+def test_available_memory_respects_an_address_space_limit():
+    """(`ulimit -v`: what fuzzing's children run under) in a child, the limit set there"""
+    import subprocess
+    import sys
+
+    code = ("import resource; from tritlm.runtime import memory; "
+            "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); print(memory.available_memory())")
+    room = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < room < 8 << 30

@@ -58,9 +58,9 @@ def _stat(path: str, key: str) -> int:
     try:
         with open(path) as f:
             for line in f:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == key:
+                    return int(fields[1])
     except (OSError, ValueError):
         pass
     return 0
@@ -97,19 +97,33 @@ def _cgroup_room(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cg
     return room
 
 
+def _address_space_room(status: str = "/proc/self/status") -> int | None:
+    """What an address-space limit (RLIMIT_AS, `ulimit -v`) leaves beyond this process's VmSize;
+    None without a limit."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return None
+    if limit == resource.RLIM_INFINITY:
+        return None
+    return max(0, limit - _stat(status, "VmSize:") * 1024)  # (kB; a field name then spaces)
+
+
 def available_memory() -> int | None:
     """Bytes this process may still allocate without swapping: MemAvailable (Linux), else the
-    free physical pages (os.sysconf), and no more than a cgroup memory limit leaves; None where
-    nothing tells."""
+    free physical pages (os.sysconf), and no more than a cgroup memory limit or an address-space
+    limit leaves; None where nothing tells."""
     available = _meminfo_available()
     if available is None:
         try:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             available = None
-    room = _cgroup_room()
-    if room is not None:
-        available = room if available is None else min(available, room)
+    for room in (_cgroup_room(), _address_space_room()):
+        if room is not None:
+            available = room if available is None else min(available, room)
     return available
 
 
