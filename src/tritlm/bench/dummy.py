@@ -102,8 +102,12 @@ def random_packed(ternary_type: str, shape: tuple[int, int], rng, scale=np.float
 
 def random_embedding(kind: str, rows: int, cols: int, rng) -> np.ndarray:
     """Random weights stored as `kind`: small values, valid block scales."""
-    if kind == "F16":
-        return (rng.standard_normal((rows, cols), np.float32) * 0.02).astype(np.float16)
+    if kind == "F16":  # made CHUNK values at a time (a 70B embedding: 0.5 GB, not 1.6 GB of temporaries)
+        out = np.empty((rows, cols), np.float16)
+        step = max(1, CHUNK // cols)
+        for r in range(0, rows, step):
+            out[r : r + step] = rng.standard_normal((min(step, rows - r), cols), np.float32) * 0.02
+        return out
     n_blocks = rows * cols // (32 if kind == "Q8_0" else 256)
     if kind == "Q8_0":  # f16 scale, then 32 int8
         blocks = rng.integers(-127, 128, (n_blocks, 34), dtype=np.int8).view(np.uint8)
