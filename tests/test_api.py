@@ -150,3 +150,17 @@ def test_chat_truncates_the_oldest_turns(llm):
         kept, max_tokens=16, temperature=0)["choices"][0]["message"]["content"]
     with pytest.raises(ValueError, match="last message"):
         llm.fit_chat([system, {"role": "user", "content": "word " * 500}], 16)
+
+
+def test_weight_layout_and_the_memory_refusal(gguf_path, monkeypatch, capsys):
+    from tritlm.runtime import memory
+
+    llm = LLM(gguf_path, weight_layout="tiles")
+    assert {m.layout for layer in llm.engine.layers for m in layer.matrices} == {"tiles"}
+    with pytest.raises(ValueError, match="weight_layout is the CPU engine's"):
+        LLM(gguf_path, weight_layout="tiles", device="cuda")
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
+    with pytest.raises(ValueError, match=r"needs 0\.\d GB, 0\.0 GB available"):
+        LLM(gguf_path)
+    assert main(["run", "-m", str(gguf_path), "-p", "hi", "-n", "1", "--weight-layout", "tiles"]) == 2
+    assert "GB available (0.0 GB of weights in tiles" in capsys.readouterr().err

@@ -66,4 +66,30 @@ def test_a_progress_bar_over_the_tensors_on_a_terminal(tmp_path, monkeypatch):
     write_dummy(tmp_path / "quiet.gguf", TINY)  # the library call stays quiet
     assert terminal.getvalue() == ""
     write_dummy(tmp_path / "m.gguf", TINY, progress=True)  # as `tritlm dummy` calls it
-    assert "writing" in terminal.getvalue() and "0/24 [" in terminal.getvalue()  # 24 tensors
+    assert "writing" in terminal.getvalue() and "B/s]" in terminal.getvalue()  # over the file's bytes
+
+
+@pytest.mark.parametrize("ternary_type", ["I2_S", "TQ2_0", "TQ1_0"])
+def test_random_tensors_are_valid_and_near_uniform(ternary_type, monkeypatch):
+    from tritlm.bench import dummy
+    from tritlm.quant import layouts
+
+    monkeypatch.setattr(dummy, "CHUNK", 4096)  # several chunks per tensor
+    shape = (96, 512)
+    data = dummy.random_packed(ternary_type, shape, np.random.default_rng(1))
+    ternary, scale = layouts.FILE_LAYOUTS[ternary_type][1](data, shape)
+    assert ternary.shape == shape and np.isin(ternary, [-1, 0, 1]).all()
+    np.testing.assert_allclose(scale, 0.02, rtol=1e-3)  # (f16 block scales in TQ*)
+    counts = np.bincount(ternary.reshape(-1) + 1, minlength=3) / ternary.size
+    assert np.abs(counts - 1 / 3).max() < 0.01
+    assert not (ternary[:32] == ternary[32:64]).all()  # chunks differ
+
+
+def test_a_file_written_with_drop_behind_is_the_same(tmp_path, monkeypatch):
+    from tritlm.formats.gguf import GGUFWriter
+
+    monkeypatch.setattr(GGUFWriter, "DROP_EVERY", 1000)  # drop after nearly every tensor
+    write_dummy(tmp_path / "a.gguf", TINY)
+    monkeypatch.setattr(GGUFWriter, "DROP_EVERY", 1 << 62)
+    write_dummy(tmp_path / "b.gguf", TINY)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

@@ -1,6 +1,8 @@
 """The engine (C++ kernels and ops) against transformers and against itself:
 KV-cache decoding, batching and chunked prefill must reproduce one full forward bit for bit."""
 
+import re
+
 import numpy as np
 import pytest
 from tiny_models import relative_error, transformers_logits, write_bitnet
@@ -156,3 +158,137 @@ def test_default_threads_leave_busy_cores_out(monkeypatch, load, cores, expected
     monkeypatch.setattr(kernels.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(kernels, "default_threads", lambda: cores)
     assert kernels.idle_cores() == expected
+
+
+@pytest.fixture
+def gguf_256(tmp_path):
+    """A GGUF model whose rows are multiples of 256 (tiles5 takes it)."""
+    directory = write_bitnet(tmp_path / "hf", "autobitlinear", hidden_size=256, intermediate_size=512)
+    path = tmp_path / "model.gguf"
+    export.write_gguf_model(path, *loader.load_hf(directory), ternary_type="I2_S")
+    return path
+
+
+def refusing_allocation(monkeypatch):
+    """Make the arena's allocation and every file read fail the test: a refusal must come first."""
+    from tritlm.formats.region import FileRegion
+
+    def fail(*args, **kwargs):
+        raise AssertionError("allocated or read before the memory check")
+
+    monkeypatch.setattr(_native, "empty_streaming", fail)
+    monkeypatch.setattr(FileRegion, "read_into", fail)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_anything_is_allocated(gguf_256, monkeypatch):
+    from tritlm.runtime import memory
+
+    config, tensors, _ = loader.load(gguf_256)
+    Engine(config, tensors, n_ctx=64)  # fits here
+    refusing_allocation(monkeypatch)
+    monkeypatch.setattr(memory, "available_memory", lambda: 10_000_000)  # 10 MB: nothing fits
+    with pytest.raises(ValueError, match=r"needs \d+\.\d GB, 0\.0 GB available .*no weight layout or context"):
+        Engine(config, tensors, n_ctx=64)
+
+
+def test_the_refusal_names_what_would_fit(gguf_256, monkeypatch):
+    from tritlm.runtime import memory
+
+    config, tensors, _ = loader.load(gguf_256)
+    needs = {}
+    real = memory.check_fits
+    monkeypatch.setattr(memory, "check_fits", lambda options, *a: needs.update(options) or real(options, *a))
+    Engine(config, tensors, n_ctx=64, weight_layout="tiles")
+    tiles, tiles5 = needs["tiles"].total, needs["weight_layout='tiles5' (--weight-layout tiles5: 1.6 bits per weight)"].total
+    assert tiles5 < tiles
+    kv64 = needs["tiles"].kv
+    assert kv64 == config.n_layers * 2 * 64 * config.n_kv_heads * config.head_dim * 2  # f16, one sequence
+    refusing_allocation(monkeypatch)
+    # room for tiles5 but not for tiles: the 1.6-bit layout is suggested, with the context that fits tiles
+    monkeypatch.setattr(memory, "available_memory", lambda: (tiles + tiles5) // 2)
+    with pytest.raises(ValueError, match=r"needs .* GB available .*it would fit with .*weight_layout='tiles5'"):
+        Engine(config, tensors, n_ctx=64, weight_layout="tiles")
+    # a long context that does not fit: a shorter one is named
+    monkeypatch.setattr(memory, "available_memory", lambda: tiles - kv64 // 2)
+    with pytest.raises(ValueError, match=r"it would fit with n_ctx=(\d+) or less") as refusal:
+        Engine(config, tensors, n_ctx=64, weight_layout="tiles")
+    max_ctx = int(re.search(r"fit with n_ctx=(\d+) or less", str(refusal.value))[1])
+    assert 16 <= max_ctx < 64
+    monkeypatch.setenv("TRITLM_MEMORY_CHECK", "0")  # the way around it: then the allocation comes
+    with pytest.raises(AssertionError, match="before the memory check"):
+        Engine(config, tensors, n_ctx=64, weight_layout="tiles")
+
+
+@pytest.mark.parametrize("room", ["plenty", "for the arena alone"])
+def test_loading_reads_the_file_once_and_drops_its_pages(gguf_256, monkeypatch, room):
+    """Each tensor is read once; where the arena and the file's pages would not both fit in
+    memory, the pages are dropped from the page cache behind each read."""
+    from tritlm.formats.region import FileRegion
+    from tritlm.runtime import memory
+
+    config, tensors, _ = loader.load(gguf_256)
+    if room != "plenty":
+        needs = []
+        real = memory.check_fits
+        monkeypatch.setattr(memory, "check_fits", lambda options, *a: needs.append(options[0][1]) or real(options, *a))
+        Engine(config, tensors)
+        monkeypatch.setattr(memory, "available_memory", lambda: needs[0].total + 1000)
+    else:
+        monkeypatch.setattr(memory, "available_memory", lambda: 1 << 40)
+    reads, advice = [], []
+    real_read, real_fadvise = FileRegion.read_into, getattr(loader.os, "posix_fadvise", None)
+    monkeypatch.setattr(FileRegion, "read_into", lambda self, out, **kw: reads.append((self, kw)) or
+                        real_read(self, out, **kw))
+    if real_fadvise is not None:
+        import os
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, how: advice.append((offset, n, how)) or
+                            real_fadvise(fd, offset, n, how))
+    Engine(config, tensors)
+    regions = [r for r, _ in reads]
+    stored = [t for t in tensors.values() if isinstance(t, loader.StoredTernary)]
+    floats = [t for t in tensors.values() if isinstance(t, loader.FloatMatrix)]
+    assert floats and len(regions) == len(set(regions)) == len(stored) + len(floats)  # each tensor once
+    drop = room != "plenty"
+    assert all(kw.get("drop_behind") is drop for _, kw in reads)
+    if real_fadvise is not None:
+        import os
+        assert sorted(advice) == sorted((r.offset, r.nbytes, os.POSIX_FADV_DONTNEED) for r in regions if drop)
+
+
+def test_available_memory_respects_a_cgroup_limit(tmp_path):
+    from tritlm.runtime import memory
+
+    (tmp_path / "meminfo").write_text("MemTotal:       24683784 kB\nMemAvailable:   23313000 kB\n")
+    assert memory._meminfo_available(str(tmp_path / "meminfo")) == 23313000 * 1024
+    root, group = tmp_path / "cgroup", tmp_path / "cgroup" / "a" / "b"
+    group.mkdir(parents=True)
+    (tmp_path / "self").write_text("0::/a/b\n")
+    assert memory._cgroup_room(str(root), str(tmp_path / "self")) is None  # no limit anywhere
+    (root / "a" / "memory.max").write_text("max\n")
+    (group / "memory.max").write_text("1000000\n")
+    (group / "memory.current").write_text("600000\n")
+    (group / "memory.stat").write_text("anon 500000\ninactive_file 100000\n")  # reclaimable
+    assert memory._cgroup_room(str(root), str(tmp_path / "self")) == 500000
+    (root / "a" / "memory.max").write_text("700000\n")  # a parent's tighter limit counts too
+    (root / "a" / "memory.current").write_text("600000\n")
+    assert memory._cgroup_room(str(root), str(tmp_path / "self")) == 100000
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(1 << 62))  # v1's "no limit"
+    (tmp_path / "self1").write_text("5:memory:/\n")
+    assert memory._cgroup_room(str(v1), str(tmp_path / "self1")) is None
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("2000000")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("500000")
+    assert memory._cgroup_room(str(v1), str(tmp_path / "self1")) == 1500000
+    assert memory.available_memory() > 0  # this machine's
+
+
+def test_available_memory_respects_an_address_space_limit():
+    """(`ulimit -v`: what fuzzing's children run under) in a child, the limit set there"""
+    import subprocess
+    import sys
+
+    code = ("import resource; from tritlm.runtime import memory; "
+            "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); print(memory.available_memory())")
+    room = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < room < 8 << 30

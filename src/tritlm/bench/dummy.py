@@ -1,11 +1,11 @@
 """Models with random ternary weights at real shapes, for benchmarks: written one tensor at a
-time, so a model far larger than memory can be made."""
+time (each made a chunk at a time), so a model far larger than memory can be made."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..formats.gguf import GGUFValue, GGUFWriter, TensorType, ValueType
+from ..formats.gguf import GGUFValue, GGUFWriter, TensorType, ValueType, tensor_nbytes
 from ..models.config import ModelConfig
 from ..models.arch import PROJECTIONS
 from ..models.export import model_metadata
@@ -72,10 +72,42 @@ def random_ternary(shape, rng) -> np.ndarray:
     return (rng.integers(0, 255, shape, dtype=np.uint8) % 3).astype(np.int8) - 1  # fast, near uniform
 
 
+# the 81 bytes whose four 2-bit fields each hold a ternary code (0, 1, 2: weight -1, 0, +1), and a
+# 16-bit random number -> one of them (x * 81 >> 16: within 0.2% of uniform)
+_TERNARY_BYTES = np.array([a << 6 | b << 4 | c << 2 | d for a in range(3) for b in range(3)
+                           for c in range(3) for d in range(3)], np.uint8)
+_RANDOM_BYTE = _TERNARY_BYTES[(np.arange(1 << 16, dtype=np.uint32) * 81) >> 16]
+CHUNK = 16 << 20  # weights generated at a time: bounds the memory a large tensor takes to make
+
+
+def random_packed(ternary_type: str, shape: tuple[int, int], rng, scale=np.float32(0.02)) -> np.ndarray:
+    """A random ternary tensor's bytes in a file layout, made CHUNK weights at a time. I2_S's 2-bit
+    codes are drawn straight as bytes of four (no int8 weights, no packing: ~10x faster, for the
+    70B / 100B presets); the other layouts pack rows a chunk at a time."""
+    m, k = shape
+    if ternary_type == "I2_S":
+        if k % layouts.I2S_BLOCK:
+            raise ValueError(f"I2_S needs rows of a multiple of {layouts.I2S_BLOCK} weights, got {shape}")
+        n = m * k // 4
+        out = np.empty(layouts.i2s_nbytes(shape), np.uint8)
+        for start in range(0, n, CHUNK // 4):
+            stop = min(n, start + CHUNK // 4)
+            np.take(_RANDOM_BYTE, np.frombuffer(rng.bytes(2 * (stop - start)), np.uint16), out=out[start:stop])
+        out[n:] = layouts.pack_i2s(np.zeros((1, layouts.I2S_BLOCK), np.int8), scale)[-layouts.I2S_TAIL :]
+        return out
+    pack, _ = layouts.FILE_LAYOUTS[ternary_type]  # TQ2_0, TQ1_0: blocks within rows
+    rows = max(1, CHUNK // k)
+    return np.concatenate([pack(random_ternary((min(rows, m - r), k), rng), scale) for r in range(0, m, rows)])
+
+
 def random_embedding(kind: str, rows: int, cols: int, rng) -> np.ndarray:
     """Random weights stored as `kind`: small values, valid block scales."""
-    if kind == "F16":
-        return (rng.standard_normal((rows, cols), np.float32) * 0.02).astype(np.float16)
+    if kind == "F16":  # made CHUNK values at a time (a 70B embedding: 0.5 GB, not 1.6 GB of temporaries)
+        out = np.empty((rows, cols), np.float16)
+        step = max(1, CHUNK // cols)
+        for r in range(0, rows, step):
+            out[r : r + step] = rng.standard_normal((min(step, rows - r), cols), np.float32) * 0.02
+        return out
     n_blocks = rows * cols // (32 if kind == "Q8_0" else 256)
     if kind == "Q8_0":  # f16 scale, then 32 int8
         blocks = rng.integers(-127, 128, (n_blocks, 34), dtype=np.int8).view(np.uint8)
@@ -101,7 +133,6 @@ def write_dummy(path, preset: str | ModelConfig = "2B4T", *, arch: str = "bitnet
         raise ValueError(f"ternary type must be one of {', '.join(layouts.FILE_LAYOUTS)}")
     if embedding_type not in EMBEDDING_TYPES:
         raise ValueError(f"embedding type must be one of {', '.join(EMBEDDING_TYPES)}")
-    pack, _ = layouts.FILE_LAYOUTS[ternary_type]
     rng = np.random.default_rng(seed)
     c, arch = config, config.architecture
     norm = lambda kind: (lambda: np.full(tensor_shape(c, kind), 0 if kind in arch.offset_norms else 1, np.float32))  # noqa: E731
@@ -113,15 +144,19 @@ def write_dummy(path, preset: str | ModelConfig = "2B4T", *, arch: str = "bitnet
             shape = tensor_shape(c, kind)
             if kind in PROJECTIONS:
                 tensors.append((f"blk.{i}.{kind}.weight", TensorType[ternary_type], shape,
-                                lambda shape=shape: pack(random_ternary(shape, rng), np.float32(0.02))))
+                                lambda shape=shape: random_packed(ternary_type, shape, rng)))
             else:
                 tensors.append((f"blk.{i}.{kind}.weight", TensorType.F32, shape, norm(kind)))
     metadata = (model_metadata(config, ternary_type, f"dummy-{c.hidden_size}x{c.n_layers}")
                 | dummy_tokenizer_metadata(c.vocab_size))
-    with GGUFWriter(path, metadata) as writer:
+    # written out and dropped from the page cache as it goes: a 70B file leaves memory as it was
+    with GGUFWriter(path, metadata, drop_behind=True) as writer:
         for name, type_id, shape, _ in tensors:
             writer.add_tensor_info(name, type_id, shape)
-        for name, _, _, data in tqdm(tensors, desc=f"writing {path}", unit="tensor", leave=False,
-                                     disable=None if progress else True):
-            writer.write_tensor_data(name, data())
+        sizes = [tensor_nbytes(type_id, shape) for _, type_id, shape, _ in tensors]
+        with tqdm(total=sum(sizes), desc=f"writing {path}", unit="B", unit_scale=True, leave=False,
+                  disable=None if progress else True) as bar:
+            for (name, _, _, data), nbytes in zip(tensors, sizes):
+                writer.write_tensor_data(name, data())
+                bar.update(nbytes)
     return config

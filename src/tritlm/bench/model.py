@@ -18,10 +18,11 @@ from .kernels import read_bandwidth
 
 def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 3,
         seed: int = 0, weight_layout: str | None = None) -> dict:
-    start = time.perf_counter()
+    start, read_before = time.perf_counter(), _bytes_read()
     config, tensors, _ = loader.load(path)
     engine = Engine(config, tensors, n_ctx=max(max(prompts, default=1), n_gen + 1), weight_layout=weight_layout)
     load_seconds = time.perf_counter() - start
+    load_read = None if read_before is None else _bytes_read() - read_before
     del tensors
     rng = np.random.default_rng(seed)
     rows = []
@@ -45,7 +46,18 @@ def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 
     layouts = sorted({m.layout for layer in engine.layers for m in layer.matrices})
     return {"model": str(path), "arch": config.arch, "weight_layout": "+".join(layouts),
             "decode_mb_per_token": engine.decode_bytes / 1e6, "head_mb": engine.head.nbytes / 1e6,
-            "load_seconds": load_seconds, "peak_rss_mb": _peak_rss_mb(), "rows": rows}
+            "load_seconds": load_seconds, "load_read_mb": None if load_read is None else load_read / 1e6,
+            "peak_rss_mb": _peak_rss_mb(), "rows": rows}
+
+
+def _bytes_read() -> int | None:
+    """Bytes this process has read so far (Linux: /proc/self/io rchar, every read call, from the
+    disk or the page cache); None elsewhere."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _timed_rate(engine: Engine, tokens: list[int], steps: int) -> float:
@@ -72,8 +84,9 @@ def _peak_rss_mb() -> float:
 def markdown(report: dict) -> str:
     lines = [f"model: {report['model']} ({report['arch']}, weights in {report['weight_layout']}), "
              f"{report['decode_mb_per_token']:.0f} MB "
-             f"read per generated token; load {report['load_seconds']:.1f} s, peak RSS "
-             f"{report['peak_rss_mb']:.0f} MB", "",
+             f"read per generated token; load {report['load_seconds']:.1f} s"
+             + (f" ({report['load_read_mb']:.0f} MB read)" if report.get("load_read_mb") is not None else "")
+             + f", peak RSS {report['peak_rss_mb']:.0f} MB", "",
              "| test | threads | tokens/s | roofline |", "|---|---|---|---|"]
     for r in report["rows"]:
         roof = f"{r['roofline']:.0%} of {r['read_gbps']:.1f} GB/s" if "roofline" in r else ""

@@ -22,6 +22,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
     add_device_argument(p)
+    p.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
+                   help="the CPU kernels' weight layout: 2-bit tiles or 1.6-bit tiles5, a fifth smaller "
+                        "(default: the faster here)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default 2048, or the model's own if shorter)")
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
@@ -47,7 +50,7 @@ def run(args) -> int:
     if args.lookup is not None and args.lookup < 1:
         raise ValueError("--lookup N needs N of at least 1")
     llm = LLM(args.model, n_ctx=args.ctx_size or _default_ctx(args.model), n_threads=args.threads,
-              device=args.device, draft_model=args.draft)
+              device=args.device, draft_model=args.draft, weight_layout=args.weight_layout)
     sampling = dict(temperature=args.temperature, seed=args.seed)
     if args.lookup:
         sampling |= dict(speculative="lookup", max_guesses=args.lookup)

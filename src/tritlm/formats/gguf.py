@@ -456,8 +456,12 @@ class GGUFWriter:
     `general.alignment`.
     """
 
-    def __init__(self, path, metadata: dict | None = None, alignment: int | None = None):
+    def __init__(self, path, metadata: dict | None = None, alignment: int | None = None, *,
+                 drop_behind: bool = False):
+        """drop_behind: every DROP_EVERY bytes, write the data out and drop it from the page
+        cache (Linux), so that writing a file larger than memory leaves the cache as it was."""
         self.metadata = dict(metadata or {})
+        self._drop_behind, self._dropped = drop_behind and hasattr(os, "posix_fadvise"), 0
         if "general.alignment" in self.metadata:
             given = _plain(_infer(self.metadata["general.alignment"], "general.alignment"))
             if alignment not in (None, given):
@@ -517,6 +521,17 @@ class GGUFWriter:
         self._file.write(buf.data)
         self._file.write(bytes(_align(nbytes, self.alignment) - nbytes))
         self._written += 1
+        if self._drop_behind and self._file.tell() - self._dropped >= self.DROP_EVERY:
+            self._drop()
+
+    DROP_EVERY = 256 << 20
+
+    def _drop(self) -> None:
+        self._file.flush()
+        os.fdatasync(self._file.fileno())  # (dirty pages cannot be dropped)
+        end = self._file.tell()
+        os.posix_fadvise(self._file.fileno(), self._dropped, end - self._dropped, os.POSIX_FADV_DONTNEED)
+        self._dropped = end
 
     def close(self) -> None:
         """Finish the file; complains if a declared tensor got no data."""
@@ -527,6 +542,8 @@ class GGUFWriter:
                 self._write_header()
             if self._written < len(self._names):
                 raise ValueError(f"tensor {self._names[self._written]!r} has no data")
+            if self._drop_behind:
+                self._drop()
         finally:
             self._file.close()
 

@@ -107,9 +107,10 @@ class FloatMatrix:
         """The bytes (read from the file each time, if they are there)."""
         return self.source.read() if isinstance(self.source, FileRegion) else self.source
 
-    def read_into(self, out: np.ndarray) -> None:
+    def read_into(self, out: np.ndarray, *, drop_behind: bool = False) -> None:
+        """Fill `out` with the bytes (drop_behind: see `FileRegion.read_into`)."""
         if isinstance(self.source, FileRegion):
-            self.source.read_into(out)
+            self.source.read_into(out, drop_behind=drop_behind)
         else:
             out[...] = self.source
 

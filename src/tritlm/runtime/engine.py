@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _native, kernels
+from . import memory
 from ..kernels import Part, TernaryMatrix
 from ..models.arch import Architecture
 from ..models.config import ModelConfig
+from ..formats.region import FileRegion
 from ..models.loader import FloatMatrix, StoredTernary
 
 KV_DTYPES = {"f16": np.float16, "f32": np.float32}
@@ -54,10 +56,17 @@ def stacks(arch: Architecture) -> dict[str, list[tuple[str, ...]]]:
             for key, names in GROUPS.items()}
 
 
-def _part(name: str, tensor) -> Part:
-    if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes
-        return Part(tensor.layout, tensor.region.read(), tensor.shape, tensor.row_scale, name)
+def _part(name: str, tensor, drop_behind: bool) -> Part:
+    if isinstance(tensor, StoredTernary):  # packed straight from the file's bytes, read once
+        return Part(tensor.layout, tensor.region.read(drop_behind=drop_behind), tensor.shape, tensor.row_scale, name)
     return Part("int8", tensor.ternary, tensor.shape, tensor.scale, name)
+
+
+def _file_bytes(tensor) -> int:
+    """Bytes of the tensor the engine will read from its file."""
+    if isinstance(tensor, StoredTernary):
+        return tensor.region.nbytes
+    return tensor.nbytes if isinstance(tensor, FloatMatrix) and isinstance(tensor.source, FileRegion) else 0
 
 
 def _stacked_shape(stack: dict) -> tuple[int, int]:
@@ -79,8 +88,8 @@ class _Arena:
         self.offset += self._aligned(nbytes)
         return self.buffer[start : start + nbytes]
 
-    def copy_of(self, matrix: FloatMatrix) -> FloatMatrix:
-        matrix.read_into(data := self.take(matrix.nbytes))
+    def copy_of(self, matrix: FloatMatrix, drop_behind: bool) -> FloatMatrix:
+        matrix.read_into(data := self.take(matrix.nbytes), drop_behind=drop_behind)
         return FloatMatrix(data, matrix.type, matrix.rows, matrix.cols)
 
 
@@ -130,15 +139,21 @@ class Engine:
                  for key, group in stacks(arch).items() for names in group] for i in range(config.n_layers)]
         layout = [weight_layout or kernels.best_layout(self.isa, _stacked_shape(stack)[1]) for _, _, stack in plan[0]]
         nbytes = [TernaryMatrix.nbytes_of(_stacked_shape(stack), lay) for (_, _, stack), lay in zip(plan[0], layout)]
+        # Refused before anything big is allocated if it cannot fit. Where the arena and the
+        # file's pages would not both fit, each tensor's pages are dropped from the page cache
+        # behind its read: the arena is the only copy, and loading a 17 GB file does not push
+        # everything else out of memory (smaller models keep theirs: a reload is then quicker).
+        need, available = self._check_memory(plan[0], layout, floats)
+        drop = available is not None and need.total + sum(_file_bytes(t) for t in tensors.values()) > available
         arena = _Arena([f.nbytes for f in floats] + nbytes * config.n_layers)
         self.weights = arena.buffer  # uint8: every weight a step streams
-        self.head = arena.copy_of(head)
-        self.embedding = self.head if tied else arena.copy_of(tensors["token_embd"])
+        self.head = arena.copy_of(head, drop)
+        self.embedding = self.head if tied else arena.copy_of(tensors["token_embd"], drop)
         self.layers = []
         for i, layer in enumerate(plan):
             groups = {key: [] for key in GROUPS}
             for (key, norm, stack), lay, n in zip(layer, layout, nbytes):
-                matrix = TernaryMatrix.stack([_part(name, t) for name, t in stack.items()], lay, out=arena.take(n),
+                matrix = TernaryMatrix.stack([_part(name, t, drop) for name, t in stack.items()], lay, out=arena.take(n),
                                              n_threads=self.n_threads)
                 groups[key].append((tensors[f"blk.{i}.{norm}"] if norm else None, matrix))
             norms = {n: tensors[f"blk.{i}.{n}"] for n in BLOCK_NORMS if arch.has(n)}
@@ -154,6 +169,38 @@ class Engine:
                   for i, layer in enumerate(self.layers)]
         self._model = _native.Model(dims, layers, self.embedding.data, self.embedding.type, self.head.data,
                                     self.head.type, np.ascontiguousarray(tensors["output_norm"], dtype=np.float32))
+
+    def memory_need(self, layer: list, layout: list[str], floats: list) -> memory.MemoryNeed:
+        """What this engine allocates with the groups of one layer (`layer`: (key, norm, stack) as
+        the constructor plans them; every layer alike) in `layout`: see `memory.MemoryNeed`."""
+        c = self.config
+        weights = sum(_Arena._aligned(TernaryMatrix.nbytes_of(_stacked_shape(stack), lay)) + 4 * _stacked_shape(stack)[0]
+                      for (_, _, stack), lay in zip(layer, layout)) * c.n_layers  # (+ float32 row scales)
+        shapes = [_stacked_shape(stack) for _, _, stack in layer]
+        qd, kvd, d, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        max_k, max_m = max(k for _, k in shapes), max(m for m, _ in shapes)
+        # a step of T tokens: model.cpp's float buffers, project()'s, the int8 activations, the logits
+        per_token = 4 * (2 * d + qd + 2 * kvd + qd + qd + max(d, 2 * f) + f + 2 * max_k + max_m + c.vocab_size) + max_k
+        step = min(self.prefill_chunk, self.n_ctx) * per_token
+        load = max(sum(t.region.nbytes for t in stack.values() if isinstance(t, StoredTernary))
+                   for _, _, stack in layer)  # one group's file bytes, read before it is packed
+        return memory.MemoryNeed(weights=weights, floats=sum(_Arena._aligned(m.nbytes) for m in floats),
+                                 kv=self.kv_bytes_per_token * self.n_ctx, scratch=max(step, load) + memory.SLACK)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return c.n_layers * 2 * c.n_kv_heads * c.head_dim * np.dtype(self.kv_dtype).itemsize
+
+    def _check_memory(self, layer: list, layout: list[str], floats: list) -> tuple[memory.MemoryNeed, int | None]:
+        """ValueError if the engine will not fit in the memory available, naming what would; else
+        what it needs, and the bytes available (None: unknown)."""
+        options = [("+".join(sorted(set(layout))), self.memory_need(layer, layout, floats))]
+        k_ok = all(_stacked_shape(stack)[1] % 256 == 0 for _, _, stack in layer)
+        if k_ok and set(layout) != {"tiles5"}:
+            options.append(("weight_layout='tiles5' (--weight-layout tiles5: 1.6 bits per weight)",
+                            self.memory_need(layer, ["tiles5"] * len(layout), floats)))
+        return options[0][1], memory.check_fits(options, self.n_ctx, self.kv_bytes_per_token)
 
     def set_threads(self, n_threads: int) -> None:
         if n_threads < 1:
