@@ -415,93 +415,160 @@ template <class V> void gated_range(const GatedArgs& a, int64_t begin, int64_t e
 
 struct AttentionArgs {
   Attention a;
-  float scale;    // 1 / sqrt(D)
-  int64_t chunk;  // query heads per work item
+  float scale;     // of q . k
+  int64_t chunk;   // query heads per work item
+  int64_t tokens;  // tokens per work item
 };
 
-// A head's rows lie Hkv * D apart in the cache, a stride the hardware prefetchers follow
-// poorly: ask for the rows kRowsAhead ahead (bytes of each, from p), if `inside` the range,
-// into L2 (an L1 prefetch would hold a fill buffer for the whole trip from DRAM).
-constexpr int64_t kRowsAhead = 32;
-template <class C> inline void prefetch_rows(const C* p, int64_t stride, int rows, int64_t bytes, bool inside) {
-  if (!inside) return;
-  for (int r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(p + r * stride) + o, 0, 1);
+
+// Keys are taken in blocks at fixed multiples of kKeyBlock, each folded into a running softmax
+// (flash attention): no score row longer than a block, and a query's arithmetic depends only
+// on its own position, never on which tokens share its work item or how many threads run.
+// A work item holds up to kItemTokens tokens, which take each block in turn while its keys
+// and values are still in L1/L2: a long prompt reads the cache once per item, not per token.
+constexpr int64_t kKeyBlock = 128, kItemTokens = 16;
+
+// kt[d * kKeyBlock + j] = element d of key row j, for n <= 8 rows (`stride` apart) of D elements:
+// a block's keys turned, so that 16 scores at once are one chain of FMAs over d (no horizontal
+// sums). AVX2 turns 8 x 8 tiles: each 128-bit half of a register holds 4 elements of a row.
+#ifdef TRITLM_X86
+TRITLM_AVX2 inline __m128 four_floats(const float* p) { return _mm_loadu_ps(p); }
+TRITLM_AVX2 inline __m128 four_floats(const uint16_t* p) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+template <class C> TRITLM_AVX2 void turn_8x8(const C* k, int64_t stride, float* kt) {
+  for (int h = 0; h < 8; h += 4) {  // elements h .. h+3 of the 8 rows
+    __m256 r[4];  // r[i]: row i | row i + 4
+    for (int i = 0; i < 4; ++i) r[i] = _mm256_set_m128(four_floats(k + (i + 4) * stride + h), four_floats(k + i * stride + h));
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    _mm256_storeu_ps(kt + (h + 0) * kKeyBlock, _mm256_shuffle_ps(t0, t2, 0x44));
+    _mm256_storeu_ps(kt + (h + 1) * kKeyBlock, _mm256_shuffle_ps(t0, t2, 0xee));
+    _mm256_storeu_ps(kt + (h + 2) * kKeyBlock, _mm256_shuffle_ps(t1, t3, 0x44));
+    _mm256_storeu_ps(kt + (h + 3) * kKeyBlock, _mm256_shuffle_ps(t1, t3, 0xee));
+  }
+}
+#endif
+template <class V, class C> void turn_keys(const C* k, int64_t stride, int64_t n, int64_t D, float* kt) {
+  int64_t d = 0;
+#ifdef TRITLM_X86
+  if constexpr (!std::is_same_v<V, Portable>)
+    if (n == 8)
+      for (; d + 8 <= D; d += 8) turn_8x8(k + d, stride, kt + d * kKeyBlock);
+#endif
+  for (; d < D; ++d)
+    for (int64_t j = 0; j < n; ++j) {
+      const C e = k[j * stride + d];
+      if constexpr (std::is_same_v<C, uint16_t>) kt[d * kKeyBlock + j] = half_to_float(e);
+      else kt[d * kKeyBlock + j] = e;
+    }
 }
 
-// scores[i * L + r] = scale * q_i . k_r for Q queries (qs: zero-padded to nc chunks) and NK
-// consecutive key rows: Q x NK independent FMA chains, each query load shared by the rows.
-template <class V, class C, int Q, int NK>
-void key_dots(const C* k, int64_t stride, const float* qs, int64_t nc, int last, float scale, float* scores,
-              int64_t L) {
-  using R = Vec<V>;
-  R s[NK][4];
-  for (int r = 0; r < NK; ++r)
-    for (int i = 0; i < 4; ++i) s[r][i] = V::zero();
-  for (int64_t c = 0; c < nc; ++c) {
-    R kc[NK];
-    for (int r = 0; r < NK; ++r) kc[r] = load_n<V>(k + r * stride + 16 * c, c + 1 < nc ? 16 : last);
-    for (int i = 0; i < Q; ++i) {
-      const R qc = V::load(qs + (i * nc + c) * 16);
-      for (int r = 0; r < NK; ++r) s[r][i] = V::fma(qc, kc[r], s[r][i]);
+// Cache rows asked for ahead of their use: a head's rows lie Hkv * D apart, a stride the
+// hardware prefetchers follow poorly. Into L2: an L1 prefetch would hold a fill buffer for the
+// whole trip from DRAM. fetch(i) asks for row i < end of the keys and of the values; next()
+// for row `from`, then the one after.
+constexpr int64_t kRowsAhead = 32;
+struct Ahead {
+  const char *k = nullptr, *v = nullptr;
+  int64_t stride = 0, bytes = 0, from = 0, end = 0;  // bytes between and in rows, the rows to ask for
+  void fetch(int64_t i) const {
+    if (i >= end) return;
+    for (int64_t o = 0; o < bytes; o += 64) {
+      __builtin_prefetch(k + i * stride + o, 0, 1);
+      __builtin_prefetch(v + i * stride + o, 0, 1);
     }
   }
-  for (int r = 0; r < NK; ++r) {
-    float dots[4];
-    V::sum4(s[r][0], s[r][1], s[r][2], s[r][3], dots);  // the horizontal sums cost more than the FMAs: batch them
-    for (int i = 0; i < Q; ++i) scores[i * L + r] = dots[i] * scale;
+  void next() { if (from < end) fetch(from++); }
+};
+
+// p[i * kKeyBlock + j] = scale * q_i . k_j for Q queries (qs: rows `row` apart) and keys j in
+// [j0, j1), from turned keys kt, in tiles of 16 NT keys that start at multiples of 16 NT (a
+// tile may run past j1, never past the block). Each score is one FMA chain over d = 0 .. D-1,
+// whatever tile it falls in: FMA chains over kChain elements, added up in order (one chain over
+// all of d would lose accuracy). A row of `ahead` is asked for per tile.
+constexpr int64_t kChain = 16;
+template <class V, int Q>
+void key_scores(const float* kt, const float* qs, int64_t row, int64_t D, float scale, int64_t j0, int64_t j1,
+                Ahead& ahead, float* p) {
+  using R = Vec<V>;
+  constexpr int NT = std::max(1, 2 * V::kRegisterChunks / Q);  // Q x NT accumulators: AVX2 8 ymm
+  for (int64_t j = j0 / (16 * NT) * (16 * NT); j < j1; j += 16 * NT) {
+    ahead.next();
+    R sum[Q][NT];
+    for (int64_t d0 = 0; d0 < D; d0 += kChain) {
+      R acc[Q][NT];
+      for (int i = 0; i < Q; ++i)
+        for (int t = 0; t < NT; ++t) acc[i][t] = V::zero();
+      for (int64_t d = d0; d < std::min(d0 + kChain, D); ++d) {
+        R k[NT];
+        for (int t = 0; t < NT; ++t) k[t] = V::load(kt + d * kKeyBlock + j + 16 * t);
+        for (int i = 0; i < Q; ++i) {
+          const R q = V::set1(qs[i * row + d]);
+          for (int t = 0; t < NT; ++t) acc[i][t] = V::fma(q, k[t], acc[i][t]);
+        }
+      }
+      for (int i = 0; i < Q; ++i)
+        for (int t = 0; t < NT; ++t) sum[i][t] = d0 ? V::add(sum[i][t], acc[i][t]) : acc[i][t];
+    }
+    for (int i = 0; i < Q; ++i)
+      for (int t = 0; t < NT; ++t) V::store(p + i * kKeyBlock + j + 16 * t, V::mul(sum[i][t], V::set1(scale)));
   }
 }
 
-// out[i][0, width) = inv[i] * sum_j p[i][j] v_j[0, width) for Q queries, width <= 16 G: the
-// accumulators fit in registers. Full: width is 16 G, so no chunk needs a mask.
-template <class V, class C, int Q, bool Full>
-void weighted_sum(const C* v, int64_t stride, const float* p, int64_t L, const float* inv, float* out,
-                  int64_t out_stride, int width) {
+// o[i][0, width) = alpha[i] o[i][0, width) + sum over n keys of p[i][j] v_j[0, width), for Q
+// queries (o: rows of `o_stride` floats, padded to whole chunks), width <= 16 G: the Q x G
+// accumulators stay in registers for the whole pass. Full: width is 16 G, so no value load
+// needs a mask.
+template <class V, class C, int Q, int G, bool Full>
+void add_values(const C* v, int64_t stride, const float* p, int64_t p_stride, int64_t n, const float* alpha,
+                float* o, int64_t o_stride, int width) {
   using R = Vec<V>;
-  constexpr int G = V::kRegisterChunks;
-  int n[G];
-  for (int c = 0; c < G; ++c) n[c] = Full ? 16 : std::clamp(width - 16 * c, 0, 16);
-  R o[Q][G];
+  int w[G];
+  for (int c = 0; c < G; ++c) w[c] = Full ? 16 : std::clamp(width - 16 * c, 0, 16);
+  R acc[Q][G];
   for (int i = 0; i < Q; ++i)
-    for (int c = 0; c < G; ++c) o[i][c] = V::zero();
-  for (int64_t j = 0; j < L; ++j, v += stride) {
-    prefetch_rows(v + kRowsAhead * stride, stride, 1, 16 * G * int64_t(sizeof(C)), j + kRowsAhead < L);
-    R w[Q];
-    for (int i = 0; i < Q; ++i) w[i] = V::set1(p[i * L + j]);
+    for (int c = 0; c < G; ++c)  // (a chunk past the row may lie past the buffer)
+      acc[i][c] = w[c] ? V::mul(V::load(o + i * o_stride + 16 * c), V::set1(alpha[i])) : V::zero();
+  for (int64_t j = 0; j < n; ++j, v += stride) {
     for (int c = 0; c < G; ++c) {
-      const R vc = Full ? load_n<V>(v + 16 * c, 16) : load_n<V>(v + 16 * c, n[c]);
-      for (int i = 0; i < Q; ++i) o[i][c] = V::fma(w[i], vc, o[i][c]);
+      const R vc = Full ? load_n<V>(v + 16 * c, 16) : load_n<V>(v + 16 * c, w[c]);
+      for (int i = 0; i < Q; ++i) acc[i][c] = V::fma(V::set1(p[i * p_stride + j]), vc, acc[i][c]);
     }
   }
   for (int i = 0; i < Q; ++i)
     for (int c = 0; c < G; ++c)
-      if (n[c]) store_n<V>(out + i * out_stride + 16 * c, V::mul(o[i][c], V::set1(inv[i])), n[c]);
+      if (w[c]) V::store(o + i * o_stride + 16 * c, acc[i][c]);
 }
 
-// s[j] = e^(s[j] - max s), shifted by the maximum so nothing overflows; returns 1 / their sum.
-template <class V> float softmax_numerators(float* s, int64_t L) {
+// Turns s[0, n) into e^(s - m') for m' = max(m, max s) and returns e^(m - m') (0 while m is
+// -inf: nothing seen yet), updating m to m' and the running sum l to l e^(m - m') + sum.
+template <class V> float softmax_step(float* s, int64_t n, float& m, float& l) {
   using R = Vec<V>;
   R m16 = V::set1(-INFINITY);
   int64_t j = 0;
-  for (; j + 16 <= L; j += 16) m16 = V::max(m16, V::load(s + j));
-  float m = V::max_of(m16);
-  for (; j < L; ++j) m = s[j] > m ? s[j] : m;
+  for (; j + 16 <= n; j += 16) m16 = V::max(m16, V::load(s + j));
+  float top = V::max_of(m16);
+  for (; j < n; ++j) top = s[j] > top ? s[j] : top;
+  const float before = m;
+  m = std::max(m, top);
   R total = V::zero();
-  for (j = 0; j < L; j += 16) {
-    const int n = int(std::min<int64_t>(16, L - j));
-    const R e = vexp<V>(V::sub(load_n<V>(s + j, n), V::set1(m)));
-    if (n == 16) {
+  for (j = 0; j < n; j += 16) {
+    const int k = int(std::min<int64_t>(16, n - j));
+    const R e = vexp<V>(V::sub(load_n<V>(s + j, k), V::set1(m)));
+    if (k == 16) {
       V::store(s + j, e);
       total = V::add(total, e);
     } else {  // the padding lanes hold e^-m: keep them out of the sum
       float tail[16] = {};
-      V::store_partial(tail, e, n);
-      std::memcpy(s + j, tail, 4 * size_t(n));
+      V::store_partial(tail, e, k);
+      std::memcpy(s + j, tail, 4 * size_t(k));
       total = V::add(total, V::load(tail));
     }
   }
-  return 1.0f / V::sum(total);
+  const float alpha = before == -INFINITY ? 0.0f : std::exp(before - m);
+  l = l * alpha + V::sum(total);
+  return alpha;
 }
 
 // The first cache row query t sees: 0, or the start of its window.
@@ -509,69 +576,126 @@ inline int64_t first_key(const Attention& a, int64_t t) {
   return a.window > 0 ? std::max<int64_t>(0, a.positions[t] - a.window + 1) : 0;
 }
 
-// Query heads h0 .. h0+Q-1 of token t, all reading KV head g: each key and value row is loaded
-// once for the Q of them. Two passes over the cache: scores and softmax, then the weighted sum.
+struct AttentionScratch {
+  std::vector<float> q, o, p, m, l;  // per token of the item: queries, outputs, and running max and sum
+  std::vector<float> kt, v;          // a block's keys turned, and (f16, several tokens) its values as floats
+};
+
+// One token's keys (kt: the block's, turned; this token's from column j0) and values v (rows
+// `stride` apart; n of them) folded into the running softmax of Q query heads: queries qs
+// (zero-padded rows of `row` floats), outputs o (same), max m and sum l; p: scratch for Q x
+// kKeyBlock scores. `ahead`: rows to ask for meanwhile.
+template <class V, class E, int Q>
+void fold_block(const AttentionArgs& args, const float* kt, int64_t j0, const E* v, int64_t stride, int64_t n,
+                Ahead ahead, const float* qs, float* o, int64_t row, float* m, float* l, float* p) {
+  const int64_t D = args.a.D, nc = row / 16;
+  key_scores<V, Q>(kt, qs, row, D, args.scale, j0, j0 + n, ahead, p);
+  p += j0;
+  float alpha[Q];
+  for (int i = 0; i < Q; ++i) alpha[i] = softmax_step<V>(p + i * kKeyBlock, n, m[i], l[i]);
+  // The weighted values, a few chunks of D for a few heads at a time so that the accumulators
+  // stay in registers (AVX2: 2 heads x 2 chunks); a pass reads only its part of each row.
+  constexpr int G = V::kRegisterChunks, H = G >= 4 ? Q : Q % 2 ? 1 : 2;
+  for (int i0 = 0; i0 < Q; i0 += H)
+    for (int64_t c0 = 0; c0 < nc; c0 += G) {
+      const float* pi = p + i0 * kKeyBlock;
+      float* oc = o + i0 * row + 16 * c0;
+      if (D - 16 * c0 >= 16 * G) add_values<V, E, H, G, true>(v + 16 * c0, stride, pi, kKeyBlock, n, alpha + i0, oc, row, 16 * G);
+      else add_values<V, E, H, G, false>(v + 16 * c0, stride, pi, kKeyBlock, n, alpha + i0, oc, row, int(D - 16 * c0));
+    }
+}
+
+// Query heads h0 .. h0+Q-1 of tokens t0 .. t0+nt-1, all reading KV head g. Each block's keys
+// are turned once for the item (and, f16 with several tokens, its values made floats once);
+// each value row is loaded once for the Q heads of a token.
 template <class V, class C, int Q>
-void attend(const AttentionArgs& args, int64_t t, int64_t g, int64_t h0, std::vector<float>& buf) {
+void attend(const AttentionArgs& args, int64_t t0, int64_t nt, int64_t g, int64_t h0, AttentionScratch& s) {
   const Attention& a = args.a;
-  const int64_t D = a.D, nc = (D + 15) / 16, stride = a.Hkv * D, first = first_key(a, t);
-  const int64_t L = int64_t(a.positions[t]) + 1 - first;
-  const int last = int(D - 16 * (nc - 1));  // elements in the last chunk of a row
-  const C* keys = static_cast<const C*>(a.k) + first * stride + g * D;
-  const C* values = static_cast<const C*>(a.v) + first * stride + g * D;
-  buf.resize(size_t(Q * (L + 16 * nc)));
-  float* scores = buf.data();  // [Q][L]
-  float* qs = scores + Q * L;  // [Q][nc * 16], zero-padded
-  for (int i = 0; i < Q; ++i) {
-    std::fill(qs + i * nc * 16, qs + (i + 1) * nc * 16, 0.0f);
-    const float* q = a.q + (t * a.Hq + h0 + i) * D;
-    // Against an f16 cache, q . k takes q rounded to f16, as ggml computes it: it multiplies
-    // an F16 matrix (the cached k) by F32 activations (q) through their F16 copy.
-    if (a.f16) for (int64_t e = 0; e < D; ++e) qs[i * nc * 16 + e] = half_to_float(float_to_half(q[e]));
-    else std::memcpy(qs + i * nc * 16, q, 4 * D);
+  const int64_t D = a.D, nc = (D + 15) / 16, stride = a.Hkv * D, row = nc * 16;
+  const C* keys = static_cast<const C*>(a.k) + g * D;
+  const C* values = static_cast<const C*>(a.v) + g * D;
+  s.q.assign(size_t(nt * Q * row), 0.0f);  // zero-padded to whole chunks
+  s.o.assign(size_t(nt * Q * row), 0.0f);
+  s.p.resize(size_t(Q * kKeyBlock));
+  s.kt.resize(size_t(D * kKeyBlock));
+  s.m.assign(size_t(nt * Q), -INFINITY);
+  s.l.assign(size_t(nt * Q), 0.0f);
+  int64_t lo = INT64_MAX, hi = 0;
+  for (int64_t u = 0; u < nt; ++u) {
+    const int64_t t = t0 + u;
+    lo = std::min(lo, first_key(a, t)), hi = std::max<int64_t>(hi, a.positions[t] + 1);
+    for (int i = 0; i < Q; ++i) {
+      const float* q = a.q + (t * a.Hq + h0 + i) * D;
+      float* qs = s.q.data() + (u * Q + i) * row;
+      // Against an f16 cache, q . k takes q rounded to f16, as ggml computes it: it multiplies
+      // an F16 matrix (the cached k) by F32 activations (q) through their F16 copy.
+      if (a.f16) for (int64_t e = 0; e < D; ++e) qs[e] = half_to_float(float_to_half(q[e]));
+      else std::memcpy(qs, q, 4 * size_t(D));
+    }
   }
-
-  int64_t j = 0;
-  for (; j + 2 <= L; j += 2) {
-    prefetch_rows(keys + (j + kRowsAhead) * stride, stride, 2, D * int64_t(sizeof(C)), j + kRowsAhead + 2 <= L);
-    key_dots<V, C, Q, 2>(keys + j * stride, stride, qs, nc, last, args.scale, scores + j, L);
+  const bool convert = std::is_same_v<C, uint16_t> && nt > 1;
+  if (convert) s.v.resize(size_t(kKeyBlock * D));
+  // Rows are asked for kRowsAhead ahead of the rows being turned; with several tokens, each
+  // token also asks for a slice of the next block while it works on this one.
+  const Ahead ahead{reinterpret_cast<const char*>(keys), reinterpret_cast<const char*>(values),
+                    stride * int64_t(sizeof(C)), D * int64_t(sizeof(C)), 0, hi};
+  const int64_t slice = nt > 1 ? (kKeyBlock + nt - 1) / nt : 0;
+  for (int64_t b = lo / kKeyBlock * kKeyBlock; b < hi; b += kKeyBlock) {
+    const int64_t bb = std::max(b, lo), be = std::min(b + kKeyBlock, hi);  // the rows any token reads
+    for (int64_t j = bb; j < be; j += 8) {
+      const int64_t n = std::min<int64_t>(8, be - j);
+      for (int64_t r = j; r < j + n; ++r) ahead.fetch(r + kRowsAhead);
+      turn_keys<V, C>(keys + j * stride, stride, n, D, s.kt.data() + (j - b));
+      if (convert)
+        for (int64_t r = j; r < j + n; ++r)
+          for (int64_t c = 0; c < nc; ++c) {
+            const int w = int(std::min<int64_t>(16, D - 16 * c));
+            store_n<V>(s.v.data() + (r - b) * D + 16 * c, load_n<V>(reinterpret_cast<const uint16_t*>(values) + r * stride + 16 * c, w), w);
+          }
+    }
+    for (int64_t u = 0; u < nt; ++u) {
+      const int64_t t = t0 + u, jb = std::max(b, first_key(a, t)), je = std::min<int64_t>(b + kKeyBlock, a.positions[t] + 1);
+      if (jb >= je) continue;
+      float *qs = s.q.data() + u * Q * row, *o = s.o.data() + u * Q * row, *m = s.m.data() + u * Q, *l = s.l.data() + u * Q;
+      Ahead next = ahead;
+      next.from = b + kKeyBlock + u * slice, next.end = std::min(hi, next.from + slice);
+      if (convert)
+        fold_block<V, float, Q>(args, s.kt.data(), jb - b, s.v.data() + (jb - b) * D, D, je - jb, next, qs, o, row, m, l, s.p.data());
+      else
+        fold_block<V, C, Q>(args, s.kt.data(), jb - b, values + jb * stride, stride, je - jb, next, qs, o, row, m, l, s.p.data());
+    }
   }
-  if (j < L) key_dots<V, C, Q, 1>(keys + j * stride, stride, qs, nc, last, args.scale, scores + j, L);
-
-  float inv[Q];
-  for (int i = 0; i < Q; ++i) inv[i] = softmax_numerators<V>(scores + i * L, L);
-
-  // Weighted sum of the values, a few chunks of D at a time so that the accumulators stay in
-  // registers; a pass reads only its part of each row.
-  constexpr int G = V::kRegisterChunks;
-  for (int64_t c0 = 0; c0 < nc; c0 += G) {
-    float* out = a.out + (t * a.Hq + h0) * D + 16 * c0;
-    if (D - 16 * c0 >= 16 * G) weighted_sum<V, C, Q, true>(values + 16 * c0, stride, scores, L, inv, out, D, G * 16);
-    else weighted_sum<V, C, Q, false>(values + 16 * c0, stride, scores, L, inv, out, D, int(D - 16 * c0));
-  }
+  for (int64_t u = 0; u < nt; ++u)
+    for (int i = 0; i < Q; ++i) {
+      const float* o = s.o.data() + (u * Q + i) * row;
+      const Vec<V> inv = V::set1(1.0f / s.l[size_t(u * Q + i)]);
+      float* out = a.out + ((t0 + u) * a.Hq + h0 + i) * D;
+      for (int64_t c = 0; c < nc; ++c) store_n<V>(out + 16 * c, V::mul(V::load(o + 16 * c), inv), int(std::min<int64_t>(16, D - 16 * c)));
+    }
 }
 
 template <class V, class C>
-void attend_heads(const AttentionArgs& args, int64_t t, int64_t g, int64_t h0, int q, std::vector<float>& buf) {
+void attend_heads(const AttentionArgs& args, int64_t t0, int64_t nt, int64_t g, int64_t h0, int q, AttentionScratch& s) {
   switch (q) {
-    case 1: return attend<V, C, 1>(args, t, g, h0, buf);
-    case 2: return attend<V, C, 2>(args, t, g, h0, buf);
-    case 3: return attend<V, C, 3>(args, t, g, h0, buf);
-    default: return attend<V, C, 4>(args, t, g, h0, buf);
+    case 1: return attend<V, C, 1>(args, t0, nt, g, h0, s);
+    case 2: return attend<V, C, 2>(args, t0, nt, g, h0, s);
+    case 3: return attend<V, C, 3>(args, t0, nt, g, h0, s);
+    default: return attend<V, C, 4>(args, t0, nt, g, h0, s);
   }
 }
 
-// Work items [begin, end): item i is (token, KV head, chunk of that head's queries), chunk fastest.
+// Work items [begin, end): item i is (block of `tokens` tokens, KV head, chunk of that head's
+// queries), chunk fastest.
 template <class V> void attention_items(const AttentionArgs& args, int64_t begin, int64_t end) {
-  thread_local std::vector<float> buf;
+  thread_local AttentionScratch scratch;
   const Attention& a = args.a;
   const int64_t group = a.Hq / a.Hkv, chunks = (group + args.chunk - 1) / args.chunk;
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t c = i % chunks, g = i / chunks % a.Hkv, t = i / chunks / a.Hkv;
-    const int64_t h0 = g * group + c * args.chunk;
+    const int64_t c = i % chunks, g = i / chunks % a.Hkv, t0 = i / chunks / a.Hkv * args.tokens;
+    const int64_t h0 = g * group + c * args.chunk, nt = std::min(args.tokens, a.T - t0);
     const int q = int(std::min(args.chunk, group - c * args.chunk));
-    if (a.f16) attend_heads<V, uint16_t>(args, t, g, h0, q, buf);
-    else attend_heads<V, float>(args, t, g, h0, q, buf);
+    if (a.f16) attend_heads<V, uint16_t>(args, t0, nt, g, h0, q, scratch);
+    else attend_heads<V, float>(args, t0, nt, g, h0, q, scratch);
   }
 }
 
@@ -1088,20 +1212,24 @@ void store_rows(Isa isa, const float* src, int64_t n, void* dst, bool f16) {
 
 void attention(Isa isa, const Attention& a, int n_threads) {
   const int64_t group = a.Hq / a.Hkv;
-  // The query heads of one KV head share every key and value load; split them into smaller
-  // chunks only when there are too few (token, KV head) pairs to give every thread work.
-  int64_t chunk = std::min<int64_t>(group, 4);
-  auto items_for = [&](int64_t c) { return a.T * a.Hkv * ((group + c - 1) / c); };
-  while (chunk > 1 && items_for(chunk) < n_threads) chunk = (chunk + 1) / 2;
-  const int64_t n_items = items_for(chunk), chunks = n_items / (a.T * a.Hkv);
-  const AttentionArgs args{a, float(a.scale > 0 ? a.scale : 1.0 / std::sqrt(double(a.D))), chunk};
+  // The query heads of one KV head share every key and value load, and the tokens of an item
+  // every block read from memory; items get fewer tokens, then fewer heads, only when there
+  // are too few of them to give every thread its pieces.
+  int64_t tokens = std::min(a.T, kItemTokens), chunk = std::min<int64_t>(group, 4);
+  auto items_for = [&](int64_t tb, int64_t c) { return (a.T + tb - 1) / tb * a.Hkv * ((group + c - 1) / c); };
+  while (tokens > 1 && items_for(tokens, chunk) < int64_t(n_threads) * kPiecesPerThread) tokens = (tokens + 1) / 2;
+  while (chunk > 1 && items_for(tokens, chunk) < n_threads) chunk = (chunk + 1) / 2;
+  const int64_t n_items = items_for(tokens, chunk), chunks = (group + chunk - 1) / chunk;
+  const AttentionArgs args{a, float(a.scale > 0 ? a.scale : 1.0 / std::sqrt(double(a.D))), chunk, tokens};
 
-  // An item costs about its cache length: cut the items into contiguous runs of equal cost
-  // (a prompt's late tokens see many more rows than its early ones).
+  // An item costs about the cache rows its tokens read: cut the items into contiguous runs of
+  // equal cost (a prompt's late tokens see many more rows than its early ones).
   std::vector<int64_t> start(size_t(n_items) + 1, 0);
-  for (int64_t i = 0; i < n_items; ++i) {  // + per-item overhead
-    const int64_t t = i / chunks / a.Hkv;
-    start[size_t(i) + 1] = start[size_t(i)] + a.positions[t] + 1 - first_key(a, t) + 8;
+  for (int64_t i = 0; i < n_items; ++i) {
+    int64_t cost = 0;
+    for (int64_t t = i / chunks / a.Hkv * tokens, e = std::min(a.T, t + tokens); t < e; ++t)
+      cost += a.positions[t] + 1 - first_key(a, t) + 8;  // + per-token overhead
+    start[size_t(i) + 1] = start[size_t(i)] + cost;
   }
   const int64_t total = start.back();
   const int threads = threads_for(total * a.D * chunk, 1 << 16, std::min<int64_t>(n_threads, n_items));

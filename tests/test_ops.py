@@ -127,6 +127,26 @@ def test_attention_model_shape_and_thread_counts(isa, rng):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("window", [0, 77])
+def test_attention_of_a_prompt_is_each_token_alone(isa, window, rng):
+    # a query's arithmetic depends only on its own position, never on the tokens sharing its work
+    # item: a prompt gives bit for bit what its tokens give one at a time (speculative decoding's
+    # greedy exactness rests on it), across key blocks, on a diagonal and with a sliding window
+    n, t = 700, 45
+    cache_k, cache_v = new_cache(n, 2, 128, np.float16)
+    ops.store_kv(cache_k, cache_v, normal(rng, n, 2, 128), normal(rng, n, 2, 128), 0, isa=isa)
+    q = normal(rng, t, 8, 128, scale=2.0)
+    positions = np.arange(n - t, n, dtype=np.int32)
+    prompt = ops.attention(q, cache_k, cache_v, positions, window=window, isa=isa, n_threads=2)
+    alone = [ops.attention(q[i : i + 1], cache_k, cache_v, positions[i : i + 1], window=window, isa=isa, n_threads=1)
+             for i in range(t)]
+    np.testing.assert_array_equal(prompt, np.concatenate(alone))
+    kr, vr = (c.astype(np.float32) for c in (cache_k, cache_v))
+    np.testing.assert_allclose(prompt, reference.attention(q, kr, vr, positions, q_f16=True, window=window),
+                               rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_attention_first_position_returns_first_value(isa, rng):
     cache_k, cache_v = new_cache(8, 2, 64, np.float32)
     k, v = normal(rng, 1, 2, 64), normal(rng, 1, 2, 64)
