@@ -171,6 +171,18 @@ def test_the_cache_file_appears_whole_or_not_at_all(gguf, monkeypatch):
     assert partial and [p.name for p in gguf.parent.iterdir()] == ["model.gguf"]
 
 
+def test_a_model_file_that_cannot_be_read_is_its_own_error(gguf, monkeypatch):
+    """An error reading the model while the cache is written is that error (not "no directory
+    takes the cache", nor a retry elsewhere), and leaves no file behind."""
+    def unreadable(self, out, **kwargs):
+        raise OSError(5, "Input/output error", self.path)
+
+    monkeypatch.setattr(FileRegion, "read_into", unreadable)
+    with pytest.raises(OSError, match="Input/output error"):
+        engine(gguf, mmap=True)
+    assert [p.name for p in gguf.parent.iterdir()] == ["model.gguf"] and not weight_cache.cache_dir().exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
 def test_a_read_only_model_directory_puts_the_cache_in_the_cache_directory(gguf, tmp_path):
     os.chmod(gguf.parent, 0o555)

@@ -154,19 +154,30 @@ def _open(path: Path, expected: dict) -> tuple[np.ndarray, np.ndarray] | str:
     return whole[data : data + expected["arena_nbytes"]], whole[scales:end].view(np.float32)
 
 
-def _write(path: Path, expected: dict, fill) -> None:
-    """Write the cache: fill(arena bytes, row scales) fills writable maps of a new file, which is
-    then synced and renamed to `path`. OSError if the directory cannot take it."""
-    header_bytes, data, scales, end = _layout(expected)
+def _reserve(path: Path, nbytes: int) -> tuple[int, str]:
+    """A new temporary file of `nbytes` beside `path`: (descriptor, name). OSError where that
+    directory cannot take it (not writable, a read-only file system, no room)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        # the blocks reserved first: a full disk is an OSError here, not a SIGBUS in the map
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, nbytes)
+        else:
+            os.ftruncate(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary)
+        raise
+    return fd, temporary
+
+
+def _write(fd: int, temporary: str, path: Path, expected: dict, fill) -> None:
+    """Fill the reserved file: the header, then fill(arena bytes, row scales) fills writable maps
+    of it; then sync it and rename it to `path` (removed instead if anything fails)."""
+    header_bytes, data, scales, end = _layout(expected)
+    try:
         with os.fdopen(fd, "r+b") as f:
-            # the blocks reserved first: a full disk is an OSError here, not a SIGBUS in the map
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(f.fileno(), 0, end)
-            else:
-                f.truncate(end)
             whole = np.memmap(f, dtype=np.uint8, mode="r+", shape=(end,))
             text = json.dumps(expected, sort_keys=True).encode()
             whole[: len(MAGIC) + 4 + header_bytes] = np.frombuffer(
@@ -202,10 +213,11 @@ def mapped(source: str, header_end: int, layouts: list[str], config, arena_nbyte
     failures = []
     for path in candidate_paths(source, layouts):
         try:
-            _write(path, expected, fill)
+            fd, temporary = _reserve(path, _layout(expected)[3])
         except OSError as e:
             failures.append(f"{path.parent}: {e.strerror or e}")
             continue
+        _write(fd, temporary, path, expected, fill)
         opened = _open(path, expected)
         if isinstance(opened, str):
             raise ValueError(f"weight cache {path}: {opened} right after it was written")
