@@ -12,6 +12,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -25,12 +26,15 @@ namespace tritlm {
 namespace {
 
 using Array = nb::ndarray<nb::device::cpu>;
+using ReadOnly = nb::ndarray<nb::ro, nb::device::cpu>;  // (weights may be a read-only memory map)
 using checks::fail;
 
 // The array behind `obj`, never a converted copy (a cache must be written where it lives).
-Array array(nb::handle obj, const std::string& name) {
-  Array a;
-  if (!nb::try_cast(obj, a, /*convert=*/false)) fail(name + ": expected a writable CPU array");
+template <class A = Array>
+A array(nb::handle obj, const std::string& name) {
+  A a;
+  if (!nb::try_cast(obj, a, /*convert=*/false))
+    fail(name + (std::is_same_v<A, Array> ? ": expected a writable CPU array" : ": expected a CPU array"));
   if (a.size() == 0) return a;  // (an empty array's strides mean nothing)
   int64_t stride = 1;
   for (size_t i = a.ndim(); i-- > 0;) {
@@ -42,7 +46,7 @@ Array array(nb::handle obj, const std::string& name) {
 
 template <class T>
 const T* data_of(nb::handle obj, const std::string& name, size_t n) {
-  const Array a = array(obj, name);
+  const ReadOnly a = array<ReadOnly>(obj, name);
   if (a.dtype() != nb::dtype<T>() || a.size() != n)
     fail(name + ": expected " + std::to_string(n) + " elements of the right type");
   return static_cast<const T*>(a.data());

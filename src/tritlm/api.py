@@ -49,14 +49,17 @@ class LLM:
     (`tritlm.cuda`: PyTorch with CUDA and Triton, `pip install 'tritlm[cuda]'`). draft_model: a
     smaller model with the same tokenizer (a path or Hub id as model_path, loaded with the same
     options, or an `LLM`) for speculative="draft". weight_layout: the CPU kernels' "tiles" (2 bits
-    per weight) or "tiles5" (1.625: a fifth less memory); default the faster on this CPU. A model
-    that cannot fit in memory is refused before loading, with what would fit (ValueError).
+    per weight) or "tiles5" (1.625: a fifth less memory); default the faster on this CPU. mmap:
+    map the packed weights read-only from a cache file written at the first load (beside the
+    model, else in ~/.cache/tritlm/weights) instead of copying them into memory: later starts read
+    nothing, and a model larger than the memory still runs (GGUF files; runtime/weight_cache.py).
+    A model that cannot fit in memory is refused before loading, with what would fit (ValueError).
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int | None = None,
                  n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256,
                  device: str = "cpu", draft_model: str | os.PathLike | LLM | None = None,
-                 weight_layout: str | None = None):
+                 weight_layout: str | None = None, mmap: bool = False):
         model_path = default_model_path() if model_path is None else hub.resolve_model(model_path)
         config, tensors, metadata = loader.load(model_path)
         self.model_path = model_path
@@ -64,9 +67,10 @@ class LLM:
         self.config = config
         self.metadata = metadata
         self.tokenizer = Tokenizer.of_model(model_path, metadata, config.vocab_size)
-        layout = {} if weight_layout is None else {"weight_layout": weight_layout}
+        layout = ({} if weight_layout is None else {"weight_layout": weight_layout}) | ({"mmap": True} if mmap else {})
         if layout and device != "cpu":
-            raise ValueError("weight_layout is the CPU engine's; the GPU engine has its own")
+            raise ValueError(f"{' and '.join(layout)} {'are' if len(layout) > 1 else 'is'} the CPU engine's; "
+                             "the GPU engine has its own")
         self.engine = make_engine(config, tensors, device, n_ctx=n_ctx or min(config.context_length, 4096),
                                   n_threads=n_threads, kv_type=kv_type, prefill_chunk=prefill_chunk, **layout)
         self.n_ctx = self.engine.n_ctx

@@ -98,6 +98,17 @@ class TernaryMatrix:
         matrix._pack(parts, layout, out, n_threads)
         return matrix
 
+    @classmethod
+    def of_tiles(cls, tiles: np.ndarray, shape: tuple[int, int], layout: str, scale: np.ndarray) -> TernaryMatrix:
+        """A matrix packed before (a memory-mapped weight cache): `tiles`, the `nbytes_of(shape,
+        layout)` bytes `stack` wrote, and its float32 row scales [M]; both used in place."""
+        matrix = cls.__new__(cls)
+        matrix.shape, matrix.layout = tuple(shape), layout
+        matrix.tiles = tiles.reshape(cls.tiles_shape(matrix.shape, layout))
+        matrix.scale = layouts.row_scales(scale, matrix.shape[0])  # finite and non-negative, or ValueError
+        matrix._weights = _native.Weights(matrix.tiles, matrix.shape[0], matrix.scale, layout)
+        return matrix
+
     @staticmethod
     def tiles_shape(shape: tuple[int, int], layout: str) -> tuple[int, int, int]:
         if layout not in ("tiles", "tiles5"):

@@ -17,10 +17,11 @@ from .kernels import read_bandwidth
 
 
 def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 3,
-        seed: int = 0, weight_layout: str | None = None) -> dict:
+        seed: int = 0, weight_layout: str | None = None, mmap: bool = False) -> dict:
     start, read_before = time.perf_counter(), _bytes_read()
     config, tensors, _ = loader.load(path)
-    engine = Engine(config, tensors, n_ctx=max(max(prompts, default=1), n_gen + 1), weight_layout=weight_layout)
+    engine = Engine(config, tensors, n_ctx=max(max(prompts, default=1), n_gen + 1), weight_layout=weight_layout,
+                    mmap=mmap)
     load_seconds = time.perf_counter() - start
     load_read = None if read_before is None else _bytes_read() - read_before
     del tensors
@@ -45,6 +46,7 @@ def run(path, *, prompts=(128,), n_gen: int = 128, threads=(2,), repeats: int = 
             rows.append(row)
     layouts = sorted({m.layout for layer in engine.layers for m in layer.matrices})
     return {"model": str(path), "arch": config.arch, "weight_layout": "+".join(layouts),
+            "weight_cache": engine.weight_cache and str(engine.weight_cache),
             "decode_mb_per_token": engine.decode_bytes / 1e6, "head_mb": engine.head.nbytes / 1e6,
             "load_seconds": load_seconds, "load_read_mb": None if load_read is None else load_read / 1e6,
             "peak_rss_mb": _peak_rss_mb(), "rows": rows}
@@ -86,7 +88,8 @@ def markdown(report: dict) -> str:
              f"{report['decode_mb_per_token']:.0f} MB "
              f"read per generated token; load {report['load_seconds']:.1f} s"
              + (f" ({report['load_read_mb']:.0f} MB read)" if report.get("load_read_mb") is not None else "")
-             + f", peak RSS {report['peak_rss_mb']:.0f} MB", "",
+             + f", peak RSS {report['peak_rss_mb']:.0f} MB"
+             + (f"; weights mapped from {report['weight_cache']}" if report.get("weight_cache") else ""), "",
              "| test | threads | tokens/s | roofline |", "|---|---|---|---|"]
     for r in report["rows"]:
         roof = f"{r['roofline']:.0%} of {r['read_gbps']:.1f} GB/s" if "roofline" in r else ""

@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
     bench.add_argument("-o", "--output", default="md", choices=["md", "json", "csv"], help="output format")
     bench.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
                        help="the kernels' weight layout: 2-bit tiles or 1.6-bit tiles5 (default: the faster here)")
+    bench.add_argument("--mmap", action="store_true",
+                   help="map the packed weights from a cache file written at the first load (beside the model "
+                        "or in ~/.cache/tritlm/weights) instead of copying them into memory: later starts are "
+                        "instant, and a model larger than the memory runs (GGUF files)")
     bench.set_defaults(func=run_model)
     targets = bench.add_subparsers(dest="target", metavar="TARGET")
     p = targets.add_parser(
@@ -62,7 +66,7 @@ def run_model(args) -> int:
     if min(threads) < 1 or min(args.n_prompt) < 1 or args.n_gen < 0 or args.repetitions < 1:
         raise ValueError("threads, prompt lengths and repetitions must be positive")
     report = harness.run(args.model, prompts=args.n_prompt, n_gen=args.n_gen, threads=threads,
-                         repeats=args.repetitions, weight_layout=args.weight_layout)
+                         repeats=args.repetitions, weight_layout=args.weight_layout, mmap=args.mmap)
     print({"md": harness.markdown, "csv": harness.csv, "json": lambda r: json.dumps(r, indent=1)}
           [args.output](report))
     return 0

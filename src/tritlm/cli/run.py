@@ -25,6 +25,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
                    help="the CPU kernels' weight layout: 2-bit tiles or 1.6-bit tiles5, a fifth smaller "
                         "(default: the faster here)")
+    p.add_argument("--mmap", action="store_true",
+                   help="map the packed weights from a cache file written at the first load (beside the model "
+                        "or in ~/.cache/tritlm/weights) instead of copying them into memory: later starts are "
+                        "instant, and a model larger than the memory runs (GGUF files)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default 2048, or the model's own if shorter)")
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
@@ -50,7 +54,8 @@ def run(args) -> int:
     if args.lookup is not None and args.lookup < 1:
         raise ValueError("--lookup N needs N of at least 1")
     llm = LLM(args.model, n_ctx=args.ctx_size or _default_ctx(args.model), n_threads=args.threads,
-              device=args.device, draft_model=args.draft, weight_layout=args.weight_layout)
+              device=args.device, draft_model=args.draft, weight_layout=args.weight_layout,
+              mmap=args.mmap)
     sampling = dict(temperature=args.temperature, seed=args.seed)
     if args.lookup:
         sampling |= dict(speculative="lookup", max_guesses=args.lookup)

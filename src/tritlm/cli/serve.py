@@ -28,6 +28,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
                    help="the CPU kernels' weight layout: 2-bit tiles or 1.6-bit tiles5, a fifth smaller "
                         "(default: the faster here)")
+    p.add_argument("--mmap", action="store_true",
+                   help="map the packed weights from a cache file written at the first load (beside the model "
+                        "or in ~/.cache/tritlm/weights) instead of copying them into memory: later starts are "
+                        "instant, and a model larger than the memory runs (GGUF files)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default: 2048, or the model's if shorter)")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -100,7 +104,8 @@ def run(args) -> int:
     hosts = allowed_hosts(args.host, api_key, args.allowed_hosts)
     if hosts == []:
         raise ValueError("--allowed-hosts names no host ('*' allows any)")
-    llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device, weight_layout=args.weight_layout)
+    llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device,
+              weight_layout=args.weight_layout, mmap=args.mmap)
     ctx = args.ctx_per_slot or args.ctx_size or min(llm.n_ctx, 2048)
     if ctx > llm.n_ctx:
         raise ValueError(f"--ctx-per-slot {ctx} exceeds the context size {llm.n_ctx}")

@@ -13,12 +13,13 @@ token-by-token decoding reproduces a full forward bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import _native, kernels
-from . import memory
+from . import memory, weight_cache
 from ..kernels import Part, TernaryMatrix
 from ..models.arch import Architecture
 from ..models.config import ModelConfig
@@ -69,15 +70,39 @@ def _file_bytes(tensor) -> int:
     return tensor.nbytes if isinstance(tensor, FloatMatrix) and isinstance(tensor.source, FileRegion) else 0
 
 
+def weight_cache_source(tensors: dict) -> tuple[str, int]:
+    """The GGUF file every streamed weight comes from, and where its tensor data begins (the end
+    of its metadata and tensor table): what a weight cache is checked against. ValueError for a
+    Hugging Face directory: its embedding is converted in memory, its scales' meaning lies in
+    config.json, its weights in several files; converting it to GGUF once is the way."""
+    regions = [t.region if isinstance(t, StoredTernary) else t.source for t in tensors.values()
+               if isinstance(t, (StoredTernary, FloatMatrix))]
+    paths = {r.path for r in regions if isinstance(r, FileRegion)}
+    if len(paths) == 1 and all(isinstance(r, FileRegion) for r in regions):
+        with open(path := paths.pop(), "rb") as f:
+            if f.read(4) == b"GGUF":
+                return path, min(r.offset for r in regions)
+    raise ValueError("mmap (memory-mapped weights) needs a GGUF model file; convert a Hugging Face "
+                     "directory first (`tritlm convert`)")
+
+
 def _stacked_shape(stack: dict) -> tuple[int, int]:
     return sum(t.shape[0] for t in stack.values()), next(iter(stack.values())).shape[1]
 
 
 class _Arena:
-    """One huge-page buffer, handed out in consecutive 64-byte-aligned pieces."""
+    """One buffer holding every weight a step streams, handed out in consecutive 64-byte-aligned
+    pieces, each filled as it is taken: huge-page memory, or a writable map of a weight cache's
+    file being built (`buffer`)."""
 
-    def __init__(self, sizes: list[int]):
-        self.buffer, self.offset = _native.empty_streaming(sum(map(self._aligned, sizes))), 0
+    def __init__(self, sizes: list[int], buffer: np.ndarray | None = None):
+        self.buffer = _native.empty_streaming(self.nbytes_of(sizes)) if buffer is None else buffer
+        self.offset = 0
+        self.scales = []  # each packed matrix's row scales, in order: what a weight cache keeps beside
+
+    @classmethod
+    def nbytes_of(cls, sizes: list[int]) -> int:
+        return sum(map(cls._aligned, sizes))
 
     @staticmethod
     def _aligned(nbytes: int) -> int:
@@ -91,6 +116,31 @@ class _Arena:
     def copy_of(self, matrix: FloatMatrix, drop_behind: bool) -> FloatMatrix:
         matrix.read_into(data := self.take(matrix.nbytes), drop_behind=drop_behind)
         return FloatMatrix(data, matrix.type, matrix.rows, matrix.cols)
+
+    def pack(self, stack: dict, layout: str, drop_behind: bool, n_threads: int) -> TernaryMatrix:
+        """The tensors of `stack` stacked by rows, packed from their bytes into the next piece."""
+        out = self.take(TernaryMatrix.nbytes_of(_stacked_shape(stack), layout))
+        matrix = TernaryMatrix.stack([_part(name, t, drop_behind) for name, t in stack.items()], layout, out=out,
+                                     n_threads=n_threads)
+        self.scales.append(matrix.scale)
+        return matrix
+
+
+class _MappedArena(_Arena):
+    """The same pieces already filled: a read-only map of a weight cache's arena bytes and its row
+    scales (runtime/weight_cache.py). Nothing is read from the model file."""
+
+    def __init__(self, buffer: np.ndarray, row_scales: np.ndarray):
+        super().__init__([], buffer)
+        self.row_scales, self.row = row_scales, 0
+
+    def copy_of(self, matrix: FloatMatrix, drop_behind: bool) -> FloatMatrix:
+        return FloatMatrix(self.take(matrix.nbytes), matrix.type, matrix.rows, matrix.cols)
+
+    def pack(self, stack: dict, layout: str, drop_behind: bool, n_threads: int) -> TernaryMatrix:
+        shape = _stacked_shape(stack)
+        scale, self.row = self.row_scales[self.row : self.row + shape[0]], self.row + shape[0]
+        return TernaryMatrix.of_tiles(self.take(TernaryMatrix.nbytes_of(shape, layout)), shape, layout, scale)
 
 
 class Sequence:
@@ -113,11 +163,15 @@ class Sequence:
 
 class Engine:
     """weight_layout: "tiles" (2 bits per weight) or "tiles5" (1.625); default the one the kernels
-    stream fastest on this CPU (`kernels.best_layout`), whatever layout the file holds."""
+    stream fastest on this CPU (`kernels.best_layout`), whatever layout the file holds.
+
+    mmap: the weights are not copied into memory but mapped read-only from a cache file of the
+    packed arena (runtime/weight_cache.py), written at the first load: later starts read nothing,
+    and a model larger than the memory runs from the page cache (GGUF files only)."""
 
     def __init__(self, config: ModelConfig, tensors: dict, *, n_ctx: int | None = None,
                  n_threads: int | None = None, kv_type: str = "f16", prefill_chunk: int = 256,
-                 weight_layout: str | None = None):
+                 weight_layout: str | None = None, mmap: bool = False):
         if kv_type not in KV_DTYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_DTYPES)}, got {kv_type!r}")
         self.config = config
@@ -129,7 +183,9 @@ class Engine:
         self.isa = kernels.default_isa()
         self.set_threads(n_threads or kernels.idle_cores())
         # Every weight a step streams lives in one huge-page buffer, filled tensor by tensor from
-        # the file: a buffer per matrix would round each up to whole 2 MiB pages.
+        # the file: a buffer per matrix would round each up to whole 2 MiB pages. (With mmap, the
+        # same buffer lies in a cache file, mapped.)
+        self.mmap = mmap
         tied = config.tied_embeddings or "output" not in tensors  # (an embedding model may have no head)
         head = tensors["token_embd" if tied else "output"]
         floats = [head] if tied else [head, tensors["token_embd"]]
@@ -144,20 +200,15 @@ class Engine:
         # behind its read: the arena is the only copy, and loading a 17 GB file does not push
         # everything else out of memory (smaller models keep theirs: a reload is then quicker).
         need, available = self._check_memory(plan[0], layout, floats)
-        drop = available is not None and need.total + sum(_file_bytes(t) for t in tensors.values()) > available
-        arena = _Arena([f.nbytes for f in floats] + nbytes * config.n_layers)
-        self.weights = arena.buffer  # uint8: every weight a step streams
-        self.head = arena.copy_of(head, drop)
-        self.embedding = self.head if tied else arena.copy_of(tensors["token_embd"], drop)
-        self.layers = []
-        for i, layer in enumerate(plan):
-            groups = {key: [] for key in GROUPS}
-            for (key, norm, stack), lay, n in zip(layer, layout, nbytes):
-                matrix = TernaryMatrix.stack([_part(name, t, drop) for name, t in stack.items()], lay, out=arena.take(n),
-                                             n_threads=self.n_threads)
-                groups[key].append((tensors[f"blk.{i}.{norm}"] if norm else None, matrix))
-            norms = {n: tensors[f"blk.{i}.{n}"] for n in BLOCK_NORMS if arch.has(n)}
-            self.layers.append(Layer(norms, **groups))
+        copied = need.weights + need.floats + need.kv + need.scratch  # (with mmap: the cache's pages)
+        drop = available is not None and copied + sum(_file_bytes(t) for t in tensors.values()) > available
+        sizes = [f.nbytes for f in floats] + nbytes * config.n_layers
+        self.weight_cache = None  # with mmap: the cache file's path
+        if mmap:
+            arena = self._mapped_arena(tensors, floats, plan, layout, sizes, drop)
+        else:
+            arena = _Arena(sizes)
+        self._fill(arena, tensors, floats, plan, layout, drop)
         c = config
         dims = {"hidden": c.hidden_size, "ffn": c.intermediate_size, "heads": c.n_heads,
                 "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab": c.vocab_size,
@@ -169,6 +220,41 @@ class Engine:
                   for i, layer in enumerate(self.layers)]
         self._model = _native.Model(dims, layers, self.embedding.data, self.embedding.type, self.head.data,
                                     self.head.type, np.ascontiguousarray(tensors["output_norm"], dtype=np.float32))
+
+    def _fill(self, arena: _Arena, tensors: dict, floats: list, plan: list, layout: list[str],
+              drop: bool) -> None:
+        """Take every streamed weight from `arena` in its fixed order (`floats`: the head, and the
+        embedding unless tied; then each layer's groups), filling it (or, mapped, finding it there)."""
+        self.weights = arena.buffer  # uint8: every weight a step streams
+        self.head = arena.copy_of(floats[0], drop)
+        self.embedding = self.head if len(floats) == 1 else arena.copy_of(floats[1], drop)
+        arch = self.config.architecture
+        self.layers = []
+        for i, layer in enumerate(plan):
+            groups = {key: [] for key in GROUPS}
+            for (key, norm, stack), lay in zip(layer, layout):
+                groups[key].append((tensors[f"blk.{i}.{norm}"] if norm else None,
+                                    arena.pack(stack, lay, drop, self.n_threads)))
+            norms = {n: tensors[f"blk.{i}.{n}"] for n in BLOCK_NORMS if arch.has(n)}
+            self.layers.append(Layer(norms, **groups))
+        if arena.offset != arena.buffer.nbytes:
+            raise AssertionError(f"the arena holds {arena.buffer.nbytes} bytes, {arena.offset} were taken")
+
+    def _mapped_arena(self, tensors: dict, floats: list, plan: list, layout: list[str], sizes: list[int],
+                      drop: bool) -> _MappedArena:
+        """The arena as a read-only map of its weight cache, which is first written (filled by
+        `_fill` through a writable map of the file) if there is none valid."""
+        source, header_end = weight_cache_source(tensors)
+        n_scales = sum(_stacked_shape(stack)[0] for _, _, stack in plan[0]) * self.config.n_layers
+
+        def fill(buffer: np.ndarray, row_scales: np.ndarray) -> None:
+            arena = _Arena(sizes, buffer)
+            self._fill(arena, tensors, floats, plan, layout, drop)
+            row_scales[:] = np.concatenate(arena.scales)
+
+        buffer, row_scales, self.weight_cache = weight_cache.mapped(
+            source, header_end, layout, self.config, _Arena.nbytes_of(sizes), n_scales, fill)
+        return _MappedArena(buffer, row_scales)
 
     def memory_need(self, layer: list, layout: list[str], floats: list) -> memory.MemoryNeed:
         """What this engine allocates with the groups of one layer (`layer`: (key, norm, stack) as
@@ -195,11 +281,15 @@ class Engine:
     def _check_memory(self, layer: list, layout: list[str], floats: list) -> tuple[memory.MemoryNeed, int | None]:
         """ValueError if the engine will not fit in the memory available, naming what would; else
         what it needs, and the bytes available (None: unknown)."""
-        options = [("+".join(sorted(set(layout))), self.memory_need(layer, layout, floats))]
+        need = self.memory_need(layer, layout, floats)
+        options = [("+".join(sorted(set(layout))), dataclasses.replace(need, mapped=self.mmap))]
         k_ok = all(_stacked_shape(stack)[1] % 256 == 0 for _, _, stack in layer)
-        if k_ok and set(layout) != {"tiles5"}:
+        if k_ok and set(layout) != {"tiles5"} and not self.mmap:
             options.append(("weight_layout='tiles5' (--weight-layout tiles5: 1.6 bits per weight)",
                             self.memory_need(layer, ["tiles5"] * len(layout), floats)))
+        if not self.mmap:  # the weights then stream from the page cache: they need not fit
+            options.append(("mmap=True (--mmap: weights mapped from a cache file)",
+                            dataclasses.replace(need, mapped=True)))
         return options[0][1], memory.check_fits(options, self.n_ctx, self.kv_bytes_per_token)
 
     def set_threads(self, n_threads: int) -> None:

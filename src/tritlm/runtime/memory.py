@@ -16,21 +16,24 @@ SLACK = 128 << 20
 @dataclass(frozen=True)
 class MemoryNeed:
     """Bytes an engine allocates: the arena (ternary weights in their layout, the float head and
-    embedding), the KV cache of one sequence of n_ctx tokens, and the scratch of the largest step
-    and of the load (one tensor's file bytes at a time)."""
+    embedding; not counted where they are memory-mapped), the KV cache of one sequence of n_ctx
+    tokens, and the scratch of the largest step and of the load (one tensor's file bytes at a time)."""
 
     weights: int
     floats: int
     kv: int
     scratch: int
+    mapped: bool = False  # weights and floats memory-mapped (mmap): the page cache streams them
 
     @property
     def total(self) -> int:
-        return self.weights + self.floats + self.kv + self.scratch
+        return (0 if self.mapped else self.weights + self.floats) + self.kv + self.scratch
 
     def describe(self, layout: str, n_ctx: int) -> str:
-        return (f"{self.weights / GB:.1f} GB of weights in {layout}, {self.floats / GB:.2f} GB embedding "
-                f"and head, {self.kv / GB:.2f} GB KV cache for n_ctx={n_ctx}, {self.scratch / GB:.2f} GB scratch")
+        weights = (f"{(self.weights + self.floats) / GB:.1f} GB of weights in {layout} memory-mapped (not counted)"
+                   if self.mapped else f"{self.weights / GB:.1f} GB of weights in {layout}, "
+                   f"{self.floats / GB:.2f} GB embedding and head")
+        return f"{weights}, {self.kv / GB:.2f} GB KV cache for n_ctx={n_ctx}, {self.scratch / GB:.2f} GB scratch"
 
 
 def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
