@@ -19,6 +19,17 @@ def add_device_argument(parser) -> None:
                         help="cpu (default), or cuda: the GPU engine (pip install 'tritlm[cuda]')")
 
 
+def add_weight_arguments(parser) -> None:
+    """The CPU engine's weight options: their layout, and memory-mapping them."""
+    parser.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
+                        help="the CPU kernels' weight layout: 2-bit tiles or 1.6-bit tiles5, a fifth smaller "
+                             "(default: the faster here)")
+    parser.add_argument("--mmap", action="store_true",
+                        help="map the packed weights from a cache file written at the first load (beside the "
+                             "model or in ~/.cache/tritlm/weights) instead of copying them into memory: later "
+                             "starts are instant, and a model larger than the memory runs (GGUF files)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritlm", description="Ternary LLMs on the CPU.")
     parser.add_argument("--version", action="version", version=f"tritlm {__version__}")

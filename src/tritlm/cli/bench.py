@@ -8,7 +8,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    from . import add_device_argument, add_model_source
+    from . import add_device_argument, add_model_source, add_weight_arguments
 
     bench = subparsers.add_parser(
         "bench", help="benchmarks: a model (-m), or the kernels",
@@ -25,12 +25,7 @@ def add_parser(subparsers) -> None:
     add_device_argument(bench)
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (default 3)")
     bench.add_argument("-o", "--output", default="md", choices=["md", "json", "csv"], help="output format")
-    bench.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
-                       help="the kernels' weight layout: 2-bit tiles or 1.6-bit tiles5 (default: the faster here)")
-    bench.add_argument("--mmap", action="store_true",
-                   help="map the packed weights from a cache file written at the first load (beside the model "
-                        "or in ~/.cache/tritlm/weights) instead of copying them into memory: later starts are "
-                        "instant, and a model larger than the memory runs (GGUF files)")
+    add_weight_arguments(bench)
     bench.set_defaults(func=run_model)
     targets = bench.add_subparsers(dest="target", metavar="TARGET")
     p = targets.add_parser(

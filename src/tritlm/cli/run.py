@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(subparsers) -> None:
-    from . import add_device_argument, add_model_source
+    from . import add_device_argument, add_model_source, add_weight_arguments
 
     p = subparsers.add_parser(
         "run", help="generate text from a prompt, or chat with -cnv",
@@ -22,13 +22,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
     add_device_argument(p)
-    p.add_argument("--weight-layout", choices=["tiles", "tiles5"], default=None,
-                   help="the CPU kernels' weight layout: 2-bit tiles or 1.6-bit tiles5, a fifth smaller "
-                        "(default: the faster here)")
-    p.add_argument("--mmap", action="store_true",
-                   help="map the packed weights from a cache file written at the first load (beside the model "
-                        "or in ~/.cache/tritlm/weights) instead of copying them into memory: later starts are "
-                        "instant, and a model larger than the memory runs (GGUF files)")
+    add_weight_arguments(p)
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default 2048, or the model's own if shorter)")
     p.add_argument("-temp", "--temperature", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
