@@ -44,6 +44,15 @@ def gguf_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def draft_path(tmp_path_factory):
+    """A smaller, different model with the same tokenizer: a draft for the tiny model."""
+    directory = tmp_path_factory.mktemp("draft")
+    write_bitnet(directory, "autobitlinear", seed=1, num_hidden_layers=1)
+    write_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
 def oracle(gguf_path):
     """A separate LLM: what the server must reproduce."""
     return LLM(gguf_path, n_ctx=CTX)
@@ -787,13 +796,16 @@ def test_timeouts_and_cancel(oracle, scheduler_of):
 REPEATING = "The quick brown fox. The quick brown fox. The quick brown fox. The quick"
 
 
-def test_speculative_and_ordinary_sequences_share_a_step(oracle, scheduler_of):
-    """Jobs verifying guesses (prompt lookup) beside jobs decoding plainly, in the same forward
-    passes: every text is plain greedy decoding's, and the guesses rejected leave no trace in
-    the slots' caches (the texts go on right after them)."""
-    scheduler, engine = scheduler_of(max_batch=4, prefill_chunk=64)
+@pytest.mark.parametrize("draft", ["itself", "another model"])
+def test_speculative_and_ordinary_sequences_share_a_step(oracle, scheduler_of, draft_path, draft):
+    """Jobs verifying guesses (prompt lookup, a draft model) beside jobs decoding plainly, in the
+    same forward passes: every text is plain greedy decoding's, and the guesses rejected leave no
+    trace in the slots' caches (the texts go on right after them)."""
+    draft_engine = oracle.engine if draft == "itself" else LLM(draft_path, n_ctx=CTX).engine
+    scheduler, engine = scheduler_of(max_batch=4, prefill_chunk=64, draft_engine=draft_engine)
     prompts = [REPEATING, "def fibonacci(n): return fibonacci", REPEATING, "The lazy dog"]
-    jobs = [job(oracle, p, max_tokens=40, lookup=8 * (i % 2 == 0)) for i, p in enumerate(prompts)]
+    modes = ["lookup", None, "draft", None]
+    jobs = [job(oracle, p, max_tokens=40, speculative=m) for p, m in zip(prompts, modes)]
     jobs[2][0].logprobs = 2
     scheduler.submit([j for j, _ in jobs])
     for (j, sink), prompt in zip(jobs, prompts):
@@ -811,7 +823,7 @@ def test_speculative_sampling_is_reproducible(oracle, scheduler_of):
     scheduler, _ = scheduler_of(max_batch=2)
     texts = []
     for _ in range(2):
-        j, sink = job(oracle, REPEATING, max_tokens=30, lookup=4)
+        j, sink = job(oracle, REPEATING, max_tokens=30, speculative="lookup", max_guesses=4)
         j.params = SamplingParams(temperature=0.7, seed=4)
         scheduler.submit([j])
         assert sink.done.wait(60)
@@ -819,26 +831,49 @@ def test_speculative_sampling_is_reproducible(oracle, scheduler_of):
     assert texts[0] == texts[1] and scheduler.metrics.proposed_tokens > 0
 
 
+def speculative_counters(http) -> list[float]:
+    """The server's guesses proposed and accepted, from /metrics."""
+    return [float(line.split()[1]) for line in http.get("/metrics").text.splitlines()
+            if line.startswith(("tritlm_speculative_proposed_tokens_total ",
+                                "tritlm_speculative_accepted_tokens_total "))]
+
+
 def test_serve_lookup_and_the_per_request_opt_out(gguf_path, oracle):
     llm = LLM(gguf_path, n_ctx=CTX)
-    with serving(create_app(llm, max_batch=2, lookup=4)) as url, httpx.Client(base_url=url, timeout=60) as http:
-        def counters():
-            text = http.get("/metrics").text
-            return [float(line.split()[1]) for line in text.splitlines()
-                    if line.startswith(("tritlm_speculative_proposed_tokens_total ",
-                                        "tritlm_speculative_accepted_tokens_total "))]
-        assert counters() == [0, 0]
+    with serving(create_app(llm, max_batch=2, speculative="lookup", max_guesses=4)) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        assert speculative_counters(http) == [0, 0]
         body = {"prompt": REPEATING, "max_tokens": 30, "temperature": 0, **NO_EOS}
         expected = oracle.generate(REPEATING, max_tokens=30, temperature=0)
         assert http.post("/v1/completions", json=body | {"speculative": False}).json()["choices"][0]["text"] == expected
-        assert counters() == [0, 0]  # opted out
+        assert speculative_counters(http) == [0, 0]  # opted out
         assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
-        proposed, accepted = counters()
+        proposed, accepted = speculative_counters(http)
         assert 0 < accepted <= proposed
         assert stream_text(http, body) == expected
         assert error_of(http.post("/v1/completions", json=body | {"speculative": "yes"}), 400)["param"] == "speculative"
-    with pytest.raises(ValueError, match="lookup"):
-        create_app(llm, lookup=-1)
+    with pytest.raises(ValueError, match="max_guesses"):
+        create_app(llm, speculative="lookup", max_guesses=0)
+    with pytest.raises(ValueError, match="speculative"):
+        create_app(llm, speculative="ngram")
+    with pytest.raises(ValueError, match="needs a draft model"):
+        create_app(llm, speculative="draft")
+
+
+def test_serve_a_draft_model(gguf_path, oracle):
+    """`tritlm serve --draft`: the model as its own draft, so every guess must be accepted, and
+    the text is plain greedy decoding's, streamed or not, while a request may opt out."""
+    llm = LLM(gguf_path, n_ctx=CTX, draft_model=gguf_path)
+    with serving(create_app(llm, max_batch=2, speculative="draft", max_guesses=4)) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        body = {"prompt": "The lazy dog", "max_tokens": 30, "temperature": 0, **NO_EOS}
+        expected = oracle.generate("The lazy dog", max_tokens=30, temperature=0)
+        assert http.post("/v1/completions", json=body | {"speculative": False}).json()["choices"][0]["text"] == expected
+        assert speculative_counters(http) == [0, 0]
+        assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
+        assert stream_text(http, body) == expected
+        proposed, accepted = speculative_counters(http)
+        assert proposed >= 20 and accepted == proposed
 
 
 # ------------------------------------------------------------------------- the CLI
@@ -859,7 +894,10 @@ def test_serve_flags():
     defaults = build_parser().parse_args(["serve"])
     assert defaults.host == "127.0.0.1" and defaults.model is None
     assert (defaults.max_body_bytes, defaults.read_timeout, defaults.allowed_hosts) == (256 * 1024, 60.0, None)
-    assert defaults.lookup == 0
+    assert defaults.lookup == 0 and defaults.draft is None
+    assert build_parser().parse_args(["serve", "--draft", "d.gguf"]).draft == "d.gguf"
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(["serve", "--draft", "d.gguf", "--lookup"])
 
 
 @pytest.mark.parametrize("host, key, given, expected", [

@@ -14,7 +14,7 @@ from .generation import TextStream
 from .models import loader
 from .runtime import Engine
 from .sampling import Sampler, SamplingParams
-from .speculative import DraftProposer, LookupProposer, Proposer, verify
+from .speculative import DraftProposer, LookupProposer, Proposer, common_prefix, verify
 from .tokenizer import Tokenizer
 
 
@@ -292,7 +292,7 @@ class LLM:
         if speculative == "draft":
             if self.draft is None:
                 raise ValueError("speculative='draft' needs a draft model: LLM(..., draft_model=PATH)")
-            return DraftProposer(self.draft, k_max=max_guesses)
+            return DraftProposer(self.draft.engine, self.draft._sequence, self.draft._cached, k_max=max_guesses)
         raise ValueError(f"speculative must be None, 'lookup' or 'draft', got {speculative!r}")
 
     def _tokens(self, logits: np.ndarray, context: list[int], sampler: Sampler,
@@ -319,11 +319,7 @@ class LLM:
 
     def _prefill(self, ids: list[int]) -> np.ndarray:
         """Logits after `ids`, reusing the longest prefix already in the cache."""
-        common = 0
-        for a, b in zip(self._cached, ids[:-1]):  # at least one token must run, for its logits
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self._cached, ids[:-1])  # at least one token must run, for its logits
         self._sequence.truncate(common)
         del self._cached[common:]
         return self._feed(ids[common:])

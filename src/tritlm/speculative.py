@@ -105,21 +105,37 @@ class LookupProposer(Proposer):
 
 
 class DraftProposer(Proposer):
-    """Proposes the greedy continuation of a draft model (a `tritlm.LLM` with the target's
-    tokenizer), run by its own engine on its own sequence. Before each proposal the draft's cache
-    is rewound to the longest start of the context it holds (dropping the guesses the target
-    rejected, as the target's cache does) and fed the rest."""
+    """Proposes the greedy continuation of a draft model (a smaller model with the target's
+    tokenizer), run by its own `engine` in a `sequence` of its own whose tokens are `cached` (an
+    LLM's, or a server slot's: the list is kept up to date in place). Before each proposal the
+    sequence is rewound to the longest start of the context it holds (dropping the guesses the
+    target rejected, as the target's cache does) and fed the rest."""
 
-    def __init__(self, draft, *, k: int = 4, k_max: int = 8):
+    def __init__(self, engine, sequence, cached: list[int], *, k: int = 4, k_max: int = 8):
         super().__init__(k=k, k_max=k_max)
-        self.draft = draft
+        self.engine, self.sequence, self.cached = engine, sequence, cached
 
     def _guess(self, context: list[int], k: int) -> list[int]:
-        k = min(k, self.draft.n_ctx - len(context))  # the draft's cache must hold them
+        k = min(k, self.sequence.n_ctx - len(context))  # the draft's cache must hold them
         if k <= 0:
             return []
-        logits = self.draft._prefill(context)
-        guesses = [int(np.argmax(logits))]
+        common = common_prefix(self.cached, context[:-1])  # at least one token must run, for its logits
+        self.sequence.truncate(common)
+        del self.cached[common:]
+        guesses, fed = [], context[common:]
         while len(guesses) < k:
-            guesses.append(int(np.argmax(self.draft._feed(guesses[-1:]))))
+            logits = self.engine.forward([(self.sequence, fed)])[0]
+            self.cached.extend(fed)
+            guesses.append(int(np.argmax(logits[-1])))
+            fed = guesses[-1:]
         return guesses
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens a and b start with alike."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -51,11 +51,18 @@ def add_parser(subparsers) -> None:
                    help="comma-separated host names the Host header may carry, '*' for any (default: "
                         "localhost,127.0.0.1,[::1] when listening on a loopback address without an API "
                         "key, against DNS rebinding; else any)")
-    p.add_argument("--lookup", type=int, nargs="?", const=8, default=0, metavar="N",
-                   help="prompt-lookup speculative decoding for every request that does not opt out "
-                        "(\"speculative\": false): each step also verifies up to N (default 8) guesses "
-                        "copied from earlier text, in the same pass as the other requests' tokens; the "
-                        "model's own output, faster where it repeats the prompt (default: off)")
+    speculative = p.add_mutually_exclusive_group()
+    speculative.add_argument("--lookup", type=int, nargs="?", const=8, default=0, metavar="N",
+                             help="prompt-lookup speculative decoding for every request that does not opt "
+                                  "out (\"speculative\": false): each step also verifies up to N (default 8) "
+                                  "guesses copied from earlier text, in the same pass as the other requests' "
+                                  "tokens; the model's own output, faster where it repeats the prompt "
+                                  "(default: off)")
+    speculative.add_argument("--draft", default=None, metavar="MODEL",
+                             help="speculative decoding with a draft model for every request that does not "
+                                  "opt out: a smaller model with the same tokenizer (path or Hub id), run in "
+                                  "a sequence per slot, proposes up to 8 guesses a step (loaded with the "
+                                  "same -c, -t and --device)")
     p.set_defaults(func=run)
 
 
@@ -99,14 +106,16 @@ def run(args) -> int:
     if hosts == []:
         raise ValueError("--allowed-hosts names no host ('*' allows any)")
     llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device,
-              weight_layout=args.weight_layout, mmap=args.mmap)
+              weight_layout=args.weight_layout, mmap=args.mmap, draft_model=args.draft)
     ctx = args.ctx_per_slot or args.ctx_size or min(llm.n_ctx, 2048)
     if ctx > llm.n_ctx:
         raise ValueError(f"--ctx-per-slot {ctx} exceeds the context size {llm.n_ctx}")
     app = create_app(llm, api_key=api_key, allowed_hosts=hosts, max_body_bytes=args.max_body_bytes,
                      max_batch=args.max_batch, max_queue=args.max_queue, ctx_per_slot=ctx,
                      max_tokens=args.n_predict, temperature=args.temperature, system_prompt=args.prompt,
-                     timeout=args.timeout or None, lookup=args.lookup)
+                     timeout=args.timeout or None,
+                     speculative="lookup" if args.lookup else "draft" if args.draft else None,
+                     max_guesses=args.lookup or 8)
     print(f"tritlm: serving {llm.model_name} on http://{args.host}:{args.port}/ "
           f"({args.max_batch} slots of {ctx} tokens)", file=sys.stderr)
     if not llm.can_generate:

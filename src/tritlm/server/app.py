@@ -47,21 +47,29 @@ def create_app(llm, *, api_key: str | None = None, allowed_hosts: list[str] | No
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch: int = 8, max_queue: int = 64,
                ctx_per_slot: int | None = None, max_tokens: int = 512, temperature: float = 0.8,
                system_prompt: str | None = None, prefill_chunk: int = 64,
-               timeout: float | None = 600.0, model_id: str | None = None, lookup: int = 0) -> FastAPI:
+               timeout: float | None = 600.0, model_id: str | None = None, speculative: str | None = None,
+               max_guesses: int = 8) -> FastAPI:
     """A FastAPI app serving `llm` (a `tritlm.LLM`). max_tokens and temperature are the defaults
     of requests that give none (max_tokens -1: until the slot's context is full); system_prompt
-    starts chats that have no system message. lookup: prompt-lookup speculative decoding of every
-    request that does not opt out ("speculative": false), up to this many guesses a step (0: only
-    of requests that opt in, "speculative": true, with up to 8). allowed_hosts: the host names the Host header may
+    starts chats that have no system message. speculative: "lookup" (prompt lookup) or "draft" (the
+    llm's draft model, `LLM(draft_model=...)`): speculative decoding of every request that does not
+    opt out ("speculative": false), up to max_guesses guesses a step; None: only of requests that opt
+    in ("speculative": true), by prompt lookup. allowed_hosts: the host names the Host header may
     carry (None or "*": any); max_body_bytes: the largest request body taken (else 413)."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     ctx = ctx_per_slot or llm.n_ctx
+    if speculative not in (None, "lookup", "draft"):
+        raise ValueError(f"speculative must be None, 'lookup' or 'draft', got {speculative!r}")
+    if speculative == "draft" and llm.draft is None:
+        raise ValueError("speculative='draft' needs a draft model: LLM(..., draft_model=PATH)")
+    if isinstance(max_guesses, bool) or not isinstance(max_guesses, int) or max_guesses < 1:
+        raise ValueError(f"max_guesses must be a whole number of guesses, at least 1; got {max_guesses!r}")
     scheduler = Scheduler(llm.engine, llm.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                          ctx_per_slot=ctx, prefill_chunk=prefill_chunk, timeout=timeout)
-    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
-        raise ValueError(f"lookup must be a whole number of guesses, at least 0; got {lookup!r}")
-    api = _API(llm, scheduler, model_id or llm.model_name, ctx, max_tokens, temperature, system_prompt, lookup)
+                          ctx_per_slot=ctx, prefill_chunk=prefill_chunk, timeout=timeout,
+                          draft_engine=llm.draft.engine if speculative == "draft" else None)
+    api = _API(llm, scheduler, model_id or llm.model_name, ctx, max_tokens, temperature, system_prompt,
+               speculative, max_guesses)
     http_counts: Counter = Counter()
 
     @asynccontextmanager
@@ -133,9 +141,9 @@ class _API:
     """What the endpoints do, with the model and the scheduler at hand."""
 
     def __init__(self, llm, scheduler: Scheduler, model_id: str, ctx: int, max_tokens: int,
-                 temperature: float, system_prompt: str | None, lookup: int):
+                 temperature: float, system_prompt: str | None, speculative: str | None, max_guesses: int):
         self.llm, self.tokenizer, self.scheduler = llm, llm.tokenizer, scheduler
-        self.lookup = lookup
+        self.speculative, self.max_guesses = speculative, max_guesses
         self.model_id, self.ctx, self.max_tokens = model_id, ctx, max_tokens
         self.temperature, self.system_prompt = temperature, system_prompt
         self.created = int(time.time())
@@ -243,7 +251,8 @@ class _API:
             prompts = await run_in_threadpool(self.completion_ids, texts)
             requested, top = body.max_tokens, body.logprobs
         t = self.temperature if body.temperature is None else body.temperature
-        lookup = self.lookup if body.speculative is None else (self.lookup or 8) if body.speculative else 0
+        speculative = (self.speculative if body.speculative is None else
+                       (self.speculative or "lookup") if body.speculative else None)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_id} | ({"dropped_messages": dropped} if dropped else {})
         run = _Run()
@@ -260,7 +269,8 @@ class _API:
                     seed=None if body.seed is None else body.seed + j)  # choices differ, reproducibly
                 jobs.append(Job(prompt=ids, on_event=run.sink(len(jobs)), params=params,
                                 max_tokens=min(limit, room), stop=stop, ignore_eos=body.ignore_eos,
-                                logprobs=top, lookup=lookup, id=head["id"]))
+                                logprobs=top, speculative=speculative,
+                                max_guesses=self.max_guesses, id=head["id"]))
         self.scheduler.submit(jobs)
         shape = _Shape(self, chat, head, sum(len(ids) for ids in prompts))
         if body.stream:

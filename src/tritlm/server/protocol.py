@@ -83,7 +83,7 @@ class _Sampling(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    speculative: bool | None = None  # tritlm's: false opts out of the server's --lookup, true opts in
+    speculative: bool | None = None  # tritlm's: false opts out of the server's --lookup/--draft, true opts in
 
 
 class TextPart(_Body):

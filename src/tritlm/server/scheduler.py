@@ -3,9 +3,10 @@ active request with ONE `Engine.forward` call, so the weights are streamed once 
 of them. New requests join between steps; a newcomer's prompt is fed in chunks of at most
 `prefill_chunk` tokens per step, so the requests already decoding keep getting a token per step.
 
-A request may also decode speculatively (prompt lookup, `Job.lookup`): its step feeds its last token
-and the guesses of its `LookupProposer` (beside the other requests' tokens, in the same forward),
-`speculative.verify` keeps those its sampler accepts, and its slot forgets the rest.
+A request may also decode speculatively (`Job.speculative`): its step feeds its last token and the
+guesses of its proposer (prompt lookup, or the draft model's engine running in a sequence of the
+slot's own), beside the other requests' tokens in the same forward; `speculative.verify` keeps
+those its sampler accepts, and its slot forgets the rest.
 
 Each generation holds a slot: one of `max_batch` preallocated sequences of `ctx_per_slot` tokens,
 reused for the next request (rewound to the longest prompt prefix it already holds). Requests wait
@@ -35,7 +36,7 @@ import numpy as np
 from .. import embeddings
 from ..generation import TextStream
 from ..sampling import Sampler, SamplingParams
-from ..speculative import LookupProposer, verify
+from ..speculative import DraftProposer, LookupProposer, common_prefix, verify
 
 log = logging.getLogger("tritlm.server")
 
@@ -83,7 +84,8 @@ class Job:
     stop: list[str] | None = None
     ignore_eos: bool = False  # for benchmarks: end-of-turn tokens don't end the text
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the top k
-    lookup: int = 0  # prompt-lookup speculative decoding: up to this many guesses a step (0: off)
+    speculative: str | None = None  # "lookup" (prompt lookup) or "draft" (the draft model): guesses verified
+    max_guesses: int = 8  # speculative decoding's guesses a step, at most
     inputs: list[list[int]] | None = None  # an embedding job: the pooled vector of each
     timeout: float | None = None  # seconds from submission
     id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names it in the log
@@ -130,7 +132,7 @@ class Metrics:
 class _Running:
     """The engine-thread state of a job holding a slot."""
 
-    def __init__(self, job: Job, tokenizer):
+    def __init__(self, job: Job, tokenizer, draft: tuple | None):
         self.job = job
         self.next_token: int | None = None  # sampled, not yet in the cache
         if job.embedding:
@@ -141,7 +143,8 @@ class _Running:
             return
         self.context = list(job.prompt)  # prompt + generated: the sampler's penalty window
         self.sampler = Sampler(job.params)
-        self.proposer = LookupProposer(k_max=job.lookup) if job.lookup else None
+        self.proposer = (LookupProposer(k_max=job.max_guesses) if job.speculative == "lookup" else
+                         DraftProposer(*draft, k_max=job.max_guesses) if job.speculative == "draft" else None)
         self.stream = TextStream(tokenizer, max_tokens=job.max_tokens, stop=job.stop,
                                  stop_ids=set() if job.ignore_eos else None)
         self.pending_logprobs: list = []
@@ -159,7 +162,8 @@ class _Input:
 
 class Scheduler:
     def __init__(self, engine, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
-                 ctx_per_slot: int = 2048, prefill_chunk: int = 64, timeout: float | None = 600.0):
+                 ctx_per_slot: int = 2048, prefill_chunk: int = 64, timeout: float | None = 600.0,
+                 draft_engine=None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be at least 1, max_queue at least 0")
         self.engine, self.tokenizer = engine, tokenizer
@@ -167,6 +171,9 @@ class Scheduler:
         self.ctx_per_slot, self.prefill_chunk, self.timeout = ctx_per_slot, prefill_chunk, timeout
         self.slots = [engine.new_sequence(ctx_per_slot) for _ in range(max_batch)]
         self.slot_tokens = [[] for _ in range(max_batch)]  # what each slot's cache holds
+        # the draft model's sequence of each slot, and what it holds (jobs with speculative="draft")
+        self.draft_slots = [(draft_engine, draft_engine.new_sequence(ctx_per_slot), [])
+                            for _ in range(max_batch)] if draft_engine else None
         self.free = list(range(max_batch))
         self.waiting: deque[Job] = deque()
         self.running: dict[Job, _Running] = {}  # insertion order = admission order (FIFO)
@@ -297,15 +304,15 @@ class Scheduler:
         while self.free and self.waiting:
             job = self.waiting.popleft()
             # the free slot that already holds the longest start of this prompt
-            slot = max(self.free, key=lambda s: _common(self.slot_tokens[s], job.prompt))
+            slot = max(self.free, key=lambda s: common_prefix(self.slot_tokens[s], job.prompt))
             self.free.remove(slot)
             job.slot = slot
             if not job.embedding:  # an embedding job holds a slot for its turn, not its sequence
-                job.fed = _common(self.slot_tokens[slot], job.prompt[:-1])
+                job.fed = common_prefix(self.slot_tokens[slot], job.prompt[:-1])
                 self.slots[slot].truncate(job.fed)
                 del self.slot_tokens[slot][job.fed:]
             try:
-                self.running[job] = _Running(job, self.tokenizer)
+                self.running[job] = _Running(job, self.tokenizer, self.draft_slots and self.draft_slots[slot])
             except Exception:
                 log.exception("request %s could not start", job.id)
                 job.finished = True
@@ -460,15 +467,6 @@ def _notify(job: Job, event: Event) -> None:
         job.on_event(event)
     except Exception:
         log.exception("request %s: its event callback failed", job.id)
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple:
