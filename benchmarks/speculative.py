@@ -99,7 +99,7 @@ class AlwaysWrong(Proposer):
 def _greedy_ids(llm: LLM, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens, on past any end-of-text token."""
     stream = TextStream(llm.tokenizer, max_tokens=n, stop_ids=set())
-    "".join(llm._pieces(prompt, n, None, SamplingParams(temperature=0), stream=stream, speculative="lookup"))
+    "".join(llm._pieces(prompt, stream, SamplingParams(temperature=0), "lookup"))
     return stream.tokens
 
 

@@ -218,7 +218,8 @@ class LLM:
     # --------------------------------------------------------------------------- generation
 
     def stream(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
-               speculative: str | None = None, max_guesses: int = 8, **sampling) -> Iterator[str]:
+               speculative: str | None = None, max_guesses: int = 8, ignore_eos: bool = False,
+               **sampling) -> Iterator[str]:
         """The completion of `prompt` (text, or token ids), piece by piece as it is generated.
 
         speculative decoding (`tritlm.speculative`): each step also checks up to `max_guesses`
@@ -227,16 +228,18 @@ class LLM:
         the draft model's (`draft_model`). The output is the model's own: token for token the same
         when greedy, and with sampling drawn from exactly the same distribution (the speculative
         sampling rule, `sampling.speculative_choice`), though not the same text for a seed as
-        plain decoding. `timings` then counts the "proposed_tokens" and "accepted_tokens"."""
-        yield from self._pieces(prompt, max_tokens, stop, SamplingParams(**sampling), speculative=speculative,
-                                max_guesses=max_guesses)
+        plain decoding. `timings` then counts the "proposed_tokens" and "accepted_tokens".
+
+        ignore_eos: end-of-turn tokens don't end the text (for benchmarks: exactly max_tokens)."""
+        stream = TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop, stop_ids=set() if ignore_eos else None)
+        yield from self._pieces(prompt, stream, SamplingParams(**sampling), speculative, max_guesses)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256,
                  stop: list[str] | None = None, speculative: str | None = None, max_guesses: int = 8,
-                 **sampling) -> str:
+                 ignore_eos: bool = False, **sampling) -> str:
         """The completion of `prompt`, whole; arguments as `stream`'s."""
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, speculative=speculative,
-                                   max_guesses=max_guesses, **sampling))
+                                   max_guesses=max_guesses, ignore_eos=ignore_eos, **sampling))
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):  # a chat prompt may carry its own BOS already
@@ -254,12 +257,10 @@ class LLM:
                              "(load the model with a larger n_ctx, or shorten the prompt)")
         return ids
 
-    def _pieces(self, prompt, max_tokens: int, stop, params: SamplingParams,
-                stream: TextStream | None = None, speculative: str | None = None,
+    def _pieces(self, prompt, stream: TextStream, params: SamplingParams, speculative: str | None = None,
                 max_guesses: int = 8) -> Iterator[str]:
         proposer = self._proposer(speculative, max_guesses)
         ids = self._prompt_ids(prompt)
-        stream = stream or TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
         sampler = Sampler(params)
         start = time.perf_counter()
         logits = self._prefill(ids)
@@ -416,8 +417,7 @@ class LLM:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}
         text_stream = TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
-        pieces = self._pieces(ids, max_tokens, stop, params, stream=text_stream, speculative=speculative,
-                              max_guesses=max_guesses)
+        pieces = self._pieces(ids, text_stream, params, speculative, max_guesses)
         usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": len(text_stream.tokens),  # noqa: E731
                          "total_tokens": len(ids) + len(text_stream.tokens)}
         if not stream:
