@@ -34,8 +34,10 @@ def test_proposes_what_followed_the_most_recent_match():
     assert LookupProposer(k=2).propose([9, 1, 7, 5, 1, 8, 1]) == [8, 1]  # the later 1, not the first
     assert LookupProposer(k=4).propose([1, 2, 3, 4], limit=0) == []
     assert LookupProposer(k=4).propose([5, 6, 7, 5, 6], limit=1) == [7]
-    # near the end, fewer than k tokens followed the match
-    assert LookupProposer(k=8).propose([1, 2, 3, 1, 2]) == [3, 1, 2]
+    # near the end, fewer than k tokens followed the match: the text goes on repeating with the
+    # period from the match to now
+    assert LookupProposer(k=8).propose([1, 2, 3, 1, 2]) == [3, 1, 2, 3, 1, 2, 3, 1]
+    assert LookupProposer(k=5).propose([4, 0, 0]) == [0, 0, 0, 0, 0]
 
 
 def test_longer_ngrams_come_first():

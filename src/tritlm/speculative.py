@@ -81,8 +81,9 @@ class Proposer:
 class LookupProposer(Proposer):
     """Proposes the tokens that followed the most recent earlier occurrence of the context's last
     `max_ngram` tokens, else of its last max_ngram - 1, ... down to `min_ngram` (longest first: a
-    longer match is a better predictor). Nothing when no n-gram matches, so text that never
-    repeats costs no verification."""
+    longer match is a better predictor). When fewer than k tokens follow the match, the text is
+    repeating itself with the period from there to now, and the guesses go on with that period.
+    Nothing when no n-gram matches, so text that never repeats costs no verification."""
 
     def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1, k: int = 4, k_max: int = 8):
         if not 1 <= min_ngram <= max_ngram:
@@ -100,7 +101,11 @@ class LookupProposer(Proposer):
         self._indexed = max(self._indexed, len(context))
         for n in self.ngrams:
             if len(context) >= n and (at := self._next.get(tuple(context[-n:]))) is not None:
-                return context[at : at + k]
+                # copied as LZ77 copies: a match that runs into the present repeats with its period
+                guesses = context[at : at + k]
+                while len(guesses) < k:
+                    guesses.append(guesses[len(guesses) - (len(context) - at)])
+                return guesses
         return []
 
 
