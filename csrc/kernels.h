@@ -60,18 +60,27 @@ struct Gemm {
   const float* row_scale;  // [M]
   float* out;              // [n_tokens][M], or
   int32_t* sums;           // [n_tokens][M]
+  bool arranged = false;   // q as the set's `arrange` writes it
 };
+
+constexpr int kArrangedGroup = 16;  // tokens per group of arranged activations
 
 struct KernelSet {
   const char* name;
   // Quantizes one row of k floats; returns false (writing nothing useful) on NaN or infinity.
   bool (*quantize_row)(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum);
-  // Computes the row tiles [tile_begin, tile_end) of g for every token, in g's layout.
+  // Computes the row tiles [tile_begin, tile_end) of g for every token, in g's layout, from
+  // activations arranged where wants_arranged says so (call it through `multiply`).
   void (*gemm_tiles)(const Gemm& g, int64_t tile_begin, int64_t tile_end);
   // Reads n bytes (n a multiple of 64) as fast as it can; returns a checksum.
   uint64_t (*read_bytes)(const uint8_t* p, int64_t n);
   // The layout this set streams fastest: tiles5 where it decodes at memory speed (AVX512-VBMI).
   Layout best_layout = Layout::tiles;
+  // Optional: products whose activations gemm_tiles wants rearranged first (`wants_arranged`),
+  // which `arrange` does for token groups [group_begin, group_end) of kArrangedGroup tokens into
+  // out ([n_tokens][K]); `multiply` runs it on every thread, then passes out as q with `arranged`.
+  bool (*wants_arranged)(const Gemm& g) = nullptr;
+  void (*arrange)(const Gemm& g, int64_t group_begin, int64_t group_end, int8_t* out) = nullptr;
 };
 
 KernelSet portable_kernels();

@@ -237,8 +237,7 @@ class Model {
     Gemm g{};
     g.tiles = w.tiles, g.layout = w.layout, g.M = w.M, g.K = w.K, g.q = q_.data(), g.n_tokens = T;
     g.act_scale = act_scale_.data(), g.act_sum = act_sum_.data(), g.row_scale = w.row_scale, g.out = y;
-    parallel_for(n_threads, (w.M + kTileRows - 1) / kTileRows,
-                 [&](int64_t b, int64_t e) { ks.gemm_tiles(g, b, e); });
+    multiply(ks, g, n_threads);
   }
 
   // y [T, sum of M] = the projections of x [T, K], side by side per token
