@@ -53,11 +53,16 @@ class Proposer:
 
     def propose(self, context: list[int], limit: int | None = None) -> list[int]:
         """Up to min(k, limit) guesses of the tokens after `context` (prompt and output so far)."""
-        k = self.k if limit is None else min(self.k, limit)
+        k = self.wanted(limit)
+        return self._guess(context, k) if k else []
+
+    def wanted(self, limit: int | None = None) -> int:
+        """How many guesses to make this step: min(k, limit), or 0 while pausing (this step then
+        counts as paused)."""
         if self._pause:
             self._pause -= 1
-            return []
-        return self._guess(context, k) if k > 0 else []
+            return 0
+        return max(0, self.k if limit is None else min(self.k, limit))
 
     def _guess(self, context: list[int], k: int) -> list[int]:
         raise NotImplementedError
@@ -121,19 +126,45 @@ class DraftProposer(Proposer):
         self.engine, self.sequence, self.cached = engine, sequence, cached
 
     def _guess(self, context: list[int], k: int) -> list[int]:
-        k = min(k, self.sequence.n_ctx - len(context))  # the draft's cache must hold them
-        if k <= 0:
-            return []
+        return draft_guesses([(self, context, k)])[0]
+
+    def _rewind(self, context: list[int]) -> list[int]:
+        """Rewinds the sequence to the longest start of `context` it holds; the tokens to feed."""
         common = common_prefix(self.cached, context[:-1])  # at least one token must run, for its logits
         self.sequence.truncate(common)
         del self.cached[common:]
-        guesses, fed = [], context[common:]
-        while len(guesses) < k:
-            logits = self.engine.forward([(self.sequence, fed)])[0]
-            self.cached.extend(fed)
-            guesses.append(int(np.argmax(logits[-1])))
-            fed = guesses[-1:]
-        return guesses
+        return context[common:]
+
+
+def draft_guesses(requests: list[tuple[DraftProposer, list[int], int]]) -> list[list[int]]:
+    """The guesses of draft proposers (proposer, context, k), made in lockstep: each draft step is
+    one forward pass for every proposer of an engine, so a server's draft model reads its weights
+    once per step for all its requests, not once per request."""
+    work = []  # [proposer, tokens to feed, guesses wanted, guesses]
+    for proposer, context, k in requests:
+        k = min(k, proposer.sequence.n_ctx - len(context))  # the draft's cache must hold them
+        work.append([proposer, proposer._rewind(context) if k > 0 else [], k, []])
+    while active := [w for w in work if len(w[3]) < w[2]]:
+        for engine in {id(w[0].engine): w[0].engine for w in active}.values():
+            group = [w for w in active if w[0].engine is engine]
+            rows = engine.forward([(w[0].sequence, w[1]) for w in group])
+            for w, logits in zip(group, rows):
+                w[0].cached.extend(w[1])
+                w[3].append(int(np.argmax(logits[-1])))
+                w[1] = w[3][-1:]
+    return [w[3] for w in work]
+
+
+def propose_all(requests: list[tuple[Proposer, list[int], int | None]]) -> list[list[int]]:
+    """Each proposer's guesses after its context (up to its limit), as `Proposer.propose` makes
+    them, the draft models' in shared steps (`draft_guesses`)."""
+    wanted = [proposer.wanted(limit) for proposer, _, limit in requests]
+    drafts = [i for i, ((p, _, _), k) in enumerate(zip(requests, wanted)) if k and isinstance(p, DraftProposer)]
+    guesses = [p._guess(context, k) if k and i not in drafts else []
+               for i, ((p, context, _), k) in enumerate(zip(requests, wanted))]
+    for i, g in zip(drafts, draft_guesses([(requests[i][0], requests[i][1], wanted[i]) for i in drafts])):
+        guesses[i] = g
+    return guesses
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
