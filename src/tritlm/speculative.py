@@ -140,28 +140,32 @@ def draft_guesses(requests: list[tuple[DraftProposer, list[int], int]]) -> list[
     """The guesses of draft proposers (proposer, context, k), made in lockstep: each draft step is
     one forward pass for every proposer of an engine, so a server's draft model reads its weights
     once per step for all its requests, not once per request."""
-    work = []  # [proposer, tokens to feed, guesses wanted, guesses]
-    for proposer, context, k in requests:
-        k = min(k, proposer.sequence.n_ctx - len(context))  # the draft's cache must hold them
-        work.append([proposer, proposer._rewind(context) if k > 0 else [], k, []])
-    while active := [w for w in work if len(w[3]) < w[2]]:
-        for engine in {id(w[0].engine): w[0].engine for w in active}.values():
-            group = [w for w in active if w[0].engine is engine]
-            rows = engine.forward([(w[0].sequence, w[1]) for w in group])
-            for w, logits in zip(group, rows):
-                w[0].cached.extend(w[1])
-                w[3].append(int(np.argmax(logits[-1])))
-                w[1] = w[3][-1:]
-    return [w[3] for w in work]
+    proposers = [p for p, _, _ in requests]
+    wanted = [min(k, p.sequence.n_ctx - len(context)) for p, context, k in requests]  # the cache must hold them
+    fed = [p._rewind(context) if k > 0 else [] for (p, context, _), k in zip(requests, wanted)]
+    guesses: list[list[int]] = [[] for _ in requests]
+    while active := [i for i in range(len(requests)) if len(guesses[i]) < wanted[i]]:
+        for engine in {id(proposers[i].engine): proposers[i].engine for i in active}.values():
+            group = [i for i in active if proposers[i].engine is engine]
+            rows = engine.forward([(proposers[i].sequence, fed[i]) for i in group])
+            for i, logits in zip(group, rows):
+                proposers[i].cached.extend(fed[i])
+                guesses[i].append(int(np.argmax(logits[-1])))
+                fed[i] = guesses[i][-1:]
+    return guesses
 
 
 def propose_all(requests: list[tuple[Proposer, list[int], int | None]]) -> list[list[int]]:
     """Each proposer's guesses after its context (up to its limit), as `Proposer.propose` makes
     them, the draft models' in shared steps (`draft_guesses`)."""
-    wanted = [proposer.wanted(limit) for proposer, _, limit in requests]
-    drafts = [i for i, ((p, _, _), k) in enumerate(zip(requests, wanted)) if k and isinstance(p, DraftProposer)]
-    guesses = [p._guess(context, k) if k and i not in drafts else []
-               for i, ((p, context, _), k) in enumerate(zip(requests, wanted))]
+    wanted = [p.wanted(limit) for p, _, limit in requests]
+    guesses: list[list[int]] = [[] for _ in requests]
+    drafts = []
+    for i, ((p, context, _), k) in enumerate(zip(requests, wanted)):
+        if k and isinstance(p, DraftProposer):
+            drafts.append(i)
+        elif k:
+            guesses[i] = p._guess(context, k)
     for i, g in zip(drafts, draft_guesses([(requests[i][0], requests[i][1], wanted[i]) for i in drafts])):
         guesses[i] = g
     return guesses
