@@ -69,7 +69,7 @@ Packed pack(const std::vector<int8_t>& ternary, int64_t M, int64_t K, const std:
   const int64_t tiles = (M + kTileRows - 1) / kTileRows;
   const int64_t tile_bytes = layout == Layout::tiles5 ? K / kBlock5Cols * kBlock5Bytes : K / kChunkCols * kChunkBytes;
   p.tiles.assign(size_t(tiles * tile_bytes), 0);
-  std::vector<float> unused(size_t(M));
+  std::vector<float> unused(static_cast<size_t>(M));
   const auto results = pack_tiles({{SourceLayout::kInt8, reinterpret_cast<const uint8_t*>(ternary.data()), M}}, K,
                                   layout, p.tiles.data(), unused.data(), 1);
   CHECK(!results[0].corrupt, "packing");
@@ -126,7 +126,7 @@ void random_cases(const std::vector<KernelSet>& sets, int n_cases, std::mt19937_
     while (M * K * T > (4 << 20) && T > 1) T = (T + 1) / 2;  // (the portable kernel is slow under emulation)
     std::vector<int8_t> ternary(size_t(M * K));
     for (auto& v : ternary) v = int8_t(uniform(-1, 1));
-    std::vector<float> scale(size_t(M)), x(size_t(T * K));
+    std::vector<float> scale(static_cast<size_t>(M)), x(static_cast<size_t>(T * K));
     for (auto& s : scale) s = std::uniform_real_distribution<float>(0.01f, 2.0f)(rng);
     for (int64_t t = 0; t < T; ++t) {
       const float magnitude = std::pow(10.0f, float(uniform(-6, 6)));
