@@ -6,9 +6,15 @@
 (b) End to end, on --chat-model (default the bundled model): greedy tokens/s with and without
     `speculative="lookup"`, and the share of guesses accepted, on tasks whose output repeats
     the prompt and on free text (few repeats to find).
-(c) The worst case, on the same model: a guesser that is always wrong (it knows plain decoding's
-    tokens and proposes others), with k adapting as `speculative.Proposer` does, against plain
-    decoding: what a bad guesser costs.
+(c) The worst case, on the same model and on --model: a guesser that is always wrong (it knows
+    plain decoding's tokens and proposes others), with k adapting as `speculative.Proposer` does,
+    against plain decoding: what a bad guesser costs.
+(d) (b)'s guessing at --model's cost: a random-weight model repeats nothing, and the bundled
+    model's steps cost far less than its Python. So lookup's guesses on the bundled model are
+    recorded step by step (how many proposed, how many accepted) and replayed on --model: the
+    same number of guesses each step, as many right (plain decoding's own next tokens) as were
+    accepted, the rest wrong. Tokens/s against plain decoding, each thread count; the tokens
+    must come out the same.
 
     python benchmarks/speculative.py --model /tmp/2b4t.gguf --threads 1 2
 """
@@ -25,7 +31,7 @@ from tritlm.generation import TextStream
 from tritlm.models import loader
 from tritlm.runtime import Engine
 from tritlm.sampling import SamplingParams
-from tritlm.speculative import Proposer
+from tritlm.speculative import LookupProposer, Proposer
 
 TASKS = {
     "repeat a list": "Fruits: apple, banana, cherry, damson, elderberry, fig, grape, honeydew, kiwi, lemon, "
@@ -96,10 +102,44 @@ class AlwaysWrong(Proposer):
         return [(t + 1) % self.vocab for t in self.truth[at : at + k]]
 
 
+class Recording(LookupProposer):
+    """Prompt lookup that keeps, for each step, [guesses proposed, guesses accepted]."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps: list[list[int]] = []
+
+    def propose(self, context: list[int], limit: int | None = None) -> list[int]:
+        guesses = super().propose(context, limit)
+        self.steps.append([len(guesses), 0])
+        return guesses
+
+    def record(self, proposed: int, accepted: int) -> None:
+        super().record(proposed, accepted)
+        self.steps[-1][1] = accepted
+
+
+class Replay(Proposer):
+    """Another run's guessing, step by step: as many guesses as it proposed, the first as many as
+    it had accepted right (plain decoding's `truth`, generated after a prompt of `start` tokens),
+    the others wrong."""
+
+    def __init__(self, steps: list[list[int]], truth: list[int], start: int, vocab: int):
+        super().__init__()
+        self.steps, self.truth, self.start, self.vocab = iter(steps), truth, start, vocab
+
+    def propose(self, context: list[int], limit: int | None = None) -> list[int]:
+        proposed, accepted = next(self.steps)
+        at = len(context) - self.start
+        right = self.truth[at : at + accepted]
+        wrong = [(t + 1) % self.vocab for t in self.truth[at + accepted : at + proposed]]
+        return (right + wrong)[:limit]
+
+
 def _greedy_ids(llm: LLM, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens, on past any end-of-text token."""
     stream = TextStream(llm.tokenizer, max_tokens=n, stop_ids=set())
-    "".join(llm._pieces(prompt, n, None, SamplingParams(temperature=0), stream=stream, speculative="lookup"))
+    "".join(llm._pieces(prompt, stream, SamplingParams(temperature=0), "lookup"))
     return stream.tokens
 
 
@@ -125,6 +165,39 @@ def worst_case(path: str | None, threads: int, n_gen: int, repeats: int) -> None
               f"({t['accepted_tokens']} accepted) |")
 
 
+def replayed(chat_path: str | None, path: str, threads: list[int], n_gen: int, repeats: int) -> None:
+    chat = LLM(chat_path)
+    patterns = {}
+    for task, prompt in TASKS.items():
+        recording = Recording()
+        chat._proposer = lambda *_: recording
+        _greedy_ids(chat, chat.tokenize(prompt), n_gen)
+        patterns[task] = recording.steps
+    llm = LLM(path, n_ctx=512)
+    print(f"\n(d) {chat.model_name}'s lookup guesses in (b), replayed on {llm.model_name}: greedy, {n_gen} tokens, "
+          f"median of {repeats}")
+    print("| task | threads | plain tokens/s | replayed tokens/s | speedup | accepted / proposed | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for n in threads:
+        llm.engine.set_threads(n)
+        for task, steps in patterns.items():
+            prompt = llm.tokenize(TASKS[task])
+            llm._proposer = lambda *_: None
+            truth = _greedy_ids(llm, prompt, n_gen)
+            rates, same = {"plain": [], "replay": []}, True
+            for _ in range(repeats):
+                for mode in rates:
+                    llm._proposer = (lambda *_: Replay(steps, truth, len(prompt), llm.config.vocab_size)) \
+                        if mode == "replay" else (lambda *_: None)
+                    same &= _greedy_ids(llm, prompt, n_gen) == truth
+                    t = llm.timings
+                    rates[mode].append((t["generated_tokens"] - 1) / t["decode_seconds"])
+            plain, replay = (float(np.median(r)) for r in rates.values())
+            accepted, proposed = (sum(s[i] for s in steps) for i in (1, 0))
+            print(f"| {task} | {n} | {plain:.2f} | {replay:.2f} | {replay / plain:.2f}x | {accepted} / {proposed} | "
+                  f"{'yes' if same else 'NO'} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", help="GGUF for (a), e.g. a 2B4T dummy (default: skip (a))")
@@ -138,6 +211,10 @@ def main() -> None:
         step_cost(args.model, args.threads, args.position, args.repetitions)
     end_to_end(args.chat_model, args.threads[-1], args.n_gen)
     worst_case(args.chat_model, args.threads[-1], args.n_gen, args.repetitions)
+    if args.model:
+        for n in args.threads:
+            worst_case(args.model, n, args.n_gen, args.repetitions)
+        replayed(args.chat_model, args.model, args.threads, args.n_gen, args.repetitions)
 
 
 if __name__ == "__main__":

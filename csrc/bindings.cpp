@@ -103,8 +103,7 @@ Gemm make_gemm(const Weights& w, const Activations& a) {
 
 void run_gemm(const Gemm& g, const KernelSet& ks, int n_threads) {
   nb::gil_scoped_release release;
-  const int64_t n_tiles = (g.M + kTileRows - 1) / kTileRows;
-  parallel_for(n_threads, n_tiles, [&](int64_t begin, int64_t end) { ks.gemm_tiles(g, begin, end); });
+  multiply(ks, g, n_threads);
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "threadpool.h"
+
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 // (the bits of <asm/hwcap.h>, for C libraries whose headers predate them)
@@ -74,6 +76,20 @@ const KernelSet& kernels_named(const std::string& name) {
   }
   throw std::invalid_argument("kernel set '" + name + "' is not available on this CPU (available: " +
                               known + ")");
+}
+
+void multiply(const KernelSet& ks, const Gemm& g, int n_threads) {
+  Gemm h = g;
+  thread_local std::vector<int8_t> arranged;  // (the pool runs one call at a time per caller)
+  if (ks.wants_arranged && ks.wants_arranged(g)) {
+    arranged.resize(size_t(g.n_tokens * g.K));
+    int8_t* out = arranged.data();  // (named in the lambda, `arranged` would be each worker's own)
+    const int64_t groups = (g.n_tokens + kArrangedGroup - 1) / kArrangedGroup;
+    parallel_for(n_threads, groups, [&](int64_t b, int64_t e) { ks.arrange(g, b, e, out); });
+    h.q = out;
+    h.arranged = true;
+  }
+  parallel_for(n_threads, (g.M + kTileRows - 1) / kTileRows, [&](int64_t b, int64_t e) { ks.gemm_tiles(h, b, e); });
 }
 
 }  // namespace tritlm

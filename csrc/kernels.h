@@ -60,18 +60,27 @@ struct Gemm {
   const float* row_scale;  // [M]
   float* out;              // [n_tokens][M], or
   int32_t* sums;           // [n_tokens][M]
+  bool arranged = false;   // q as the set's `arrange` writes it
 };
+
+constexpr int kArrangedGroup = 16;  // tokens per group of arranged activations
 
 struct KernelSet {
   const char* name;
   // Quantizes one row of k floats; returns false (writing nothing useful) on NaN or infinity.
   bool (*quantize_row)(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum);
-  // Computes the row tiles [tile_begin, tile_end) of g for every token, in g's layout.
+  // Computes the row tiles [tile_begin, tile_end) of g for every token, in g's layout, from
+  // activations arranged where wants_arranged says so (call it through `multiply`).
   void (*gemm_tiles)(const Gemm& g, int64_t tile_begin, int64_t tile_end);
   // Reads n bytes (n a multiple of 64) as fast as it can; returns a checksum.
   uint64_t (*read_bytes)(const uint8_t* p, int64_t n);
   // The layout this set streams fastest: tiles5 where it decodes at memory speed (AVX512-VBMI).
   Layout best_layout = Layout::tiles;
+  // Optional: products whose activations gemm_tiles wants rearranged first (`wants_arranged`),
+  // which `arrange` does for token groups [group_begin, group_end) of kArrangedGroup tokens into
+  // out ([n_tokens][K]); `multiply` runs it on every thread, then passes out as q with `arranged`.
+  bool (*wants_arranged)(const Gemm& g) = nullptr;
+  void (*arrange)(const Gemm& g, int64_t group_begin, int64_t group_end, int8_t* out) = nullptr;
 };
 
 KernelSet portable_kernels();
@@ -141,16 +150,25 @@ static inline int64_t bytes_per_tile(const Gemm& g) {
 // block_kernels[b] handles a block of b tokens. Decode-sized calls prime the slice first.
 using BlockKernel = void (*)(const Gemm& g, int64_t tile, int64_t t0, const uint8_t* last);
 
+// Activation bytes one pass over a slice's tiles reads: they stay in a 1 MB L2 beside the
+// weights streaming through. Every tile reads all of them, so from L3 (many tokens: a batch of
+// embedded texts) two threads would share its bandwidth and scale 1.5x.
+constexpr int64_t kPassActivations = 256 << 10;
+
 static inline void gemm_blocks(const Gemm& g, int64_t tile_begin, int64_t tile_end,
                                const BlockKernel* block_kernels, int64_t max_block) {
   const int64_t tile_bytes = bytes_per_tile(g);
   const uint8_t* last = g.tiles + tile_end * tile_bytes - kChunkBytes;
   if (g.n_tokens <= max_block) prefetch_start(g.tiles + tile_begin * tile_bytes, last);
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile)
-    for (int64_t t0 = 0; t0 < g.n_tokens; t0 += max_block) {
-      const int64_t block = g.n_tokens - t0 < max_block ? g.n_tokens - t0 : max_block;
-      block_kernels[block](g, tile, t0, last);
-    }
+  const int64_t fit = kPassActivations / g.K / max_block * max_block, pass = fit > max_block ? fit : max_block;
+  for (int64_t p0 = 0; p0 < g.n_tokens; p0 += pass) {
+    const int64_t p1 = g.n_tokens - p0 < pass ? g.n_tokens : p0 + pass;
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile)
+      for (int64_t t0 = p0; t0 < p1; t0 += max_block) {
+        const int64_t block = p1 - t0 < max_block ? p1 - t0 : max_block;
+        block_kernels[block](g, tile, t0, last);
+      }
+  }
 }
 
 }  // namespace tritlm

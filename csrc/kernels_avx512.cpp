@@ -214,7 +214,7 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i codes, const int8_t* q) {
 // 0..2, so the accumulators simply add up at the end).
 // - kReordered false (up to 4 tokens): plane n of chunk i pairs with columns base + n * step
 //   (tq1_column) of each token, one pointer per token.
-// - kReordered true: activations reordered by reorder5, so that token t of the group reads plane
+// - kReordered true: activations rearranged by arrange5, so that token t of the group reads plane
 //   j of block b at byte 256 * (b * T + t) + 4 * j: every address one running pointer plus a
 //   constant, whatever T (with a pointer per token, GCC runs out of registers beyond 4).
 template <int T, int S, bool kReordered>
@@ -270,7 +270,8 @@ constexpr BlockKernel kBlockKernels5Reordered[kMaxBlock + 1] = {
 // For tile5_tokens<T, S, true>: per group of up to 16 tokens (from t0 * K on), per block, per
 // token, the block's 64 groups of 4 activations in the order of the code planes (chunk by chunk).
 // Each block of a token is one permutation of 64 dwords: 4 loads, 8 vpermt2d, 4 blends, 4 stores.
-void reorder5(const Gemm& g, std::vector<int8_t>& out) {
+static_assert(kMaxBlock == kArrangedGroup);
+void arrange5(const Gemm& g, int64_t group_begin, int64_t group_end, int8_t* out) {
   struct Permutation {
     __m512i index[4];
     __mmask16 high[4];  // dwords from the block's second half
@@ -286,13 +287,12 @@ void reorder5(const Gemm& g, std::vector<int8_t>& out) {
     }
     return p;
   }();
-  out.resize(size_t(g.n_tokens * g.K));
-  for (int64_t t0 = 0; t0 < g.n_tokens; t0 += kMaxBlock) {
+  for (int64_t t0 = group_begin * kMaxBlock; t0 < g.n_tokens && t0 < group_end * kMaxBlock; t0 += kMaxBlock) {
     const int64_t group = g.n_tokens - t0 < kMaxBlock ? g.n_tokens - t0 : kMaxBlock;
     for (int64_t t = 0; t < group; ++t)
       for (int64_t b = 0; b < g.K / kBlock5Cols; ++b) {
         const int8_t* from = g.q + (t0 + t) * g.K + b * kBlock5Cols;
-        int8_t* to = out.data() + t0 * g.K + (b * group + t) * kBlock5Cols;
+        int8_t* to = out + t0 * g.K + (b * group + t) * kBlock5Cols;
         __m512i v[4];
         for (int k = 0; k < 4; ++k) v[k] = _mm512_loadu_si512(from + 64 * k);
         for (int k = 0; k < 4; ++k) {
@@ -312,15 +312,13 @@ bool has_vbmi() {
   return vbmi;
 }
 
+bool wants_arranged(const Gemm& g) { return g.layout == Layout::tiles5 && has_vbmi() && g.n_tokens > kFewTokens5; }
+
 void gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end) {
   if (g.layout != Layout::tiles5) return gemm_blocks(g, tile_begin, tile_end, kBlockKernels, kMaxBlock);
   if (!has_vbmi()) return avx2_gemm_tiles5(g, tile_begin, tile_end);
   if (g.n_tokens <= kFewTokens5) return gemm_blocks(g, tile_begin, tile_end, kBlockKernels5, kFewTokens5);
-  thread_local std::vector<int8_t> reordered;  // every thread reorders all tokens (K bytes each)
-  reorder5(g, reordered);
-  Gemm h = g;
-  h.q = reordered.data();
-  gemm_blocks(h, tile_begin, tile_end, kBlockKernels5Reordered, kMaxBlock);
+  gemm_blocks(g, tile_begin, tile_end, kBlockKernels5Reordered, kMaxBlock);  // g.q arranged (`multiply`)
 }
 
 bool quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
@@ -370,7 +368,8 @@ uint64_t read_bytes(const uint8_t* p, int64_t n) {
 }  // namespace
 
 KernelSet avx512_kernels() {
-  return {"avx512", quantize_row, gemm_tiles, read_bytes, has_vbmi() ? Layout::tiles5 : Layout::tiles};
+  return {"avx512", quantize_row, gemm_tiles, read_bytes, has_vbmi() ? Layout::tiles5 : Layout::tiles,
+          wants_arranged, arrange5};
 }
 
 }  // namespace tritlm

@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -53,6 +54,17 @@ const T* data_of(nb::handle obj, const std::string& name, size_t n) {
 }
 
 // A ternary matrix as the kernels take it (a Weights handle's pointers).
+// f(t) for each token t in [begin, end) of `floats` floats each, on as many threads as that
+// keeps busy: one at decode sizes, where the pool's hand-off costs more than the work; all of
+// them for a prompt, where serial per-token work would cap the speedup of many cores (Amdahl).
+template <class F>
+void each_token(int n_threads, int64_t begin, int64_t end, int64_t floats, const F& f) {
+  const int threads = int(std::clamp<int64_t>((end - begin) * floats >> 15, 1, n_threads));
+  parallel_for(threads, end - begin, [&](int64_t b, int64_t e) {
+    for (int64_t t = begin + b; t < begin + e; ++t) f(t);
+  });
+}
+
 struct Matrix {
   nb::object owner;
   Layout layout;
@@ -219,13 +231,13 @@ class Model {
     q_.resize(size_t(T * w.K));
     act_scale_.resize(size_t(T));
     act_sum_.resize(size_t(T));
-    for (int64_t t = 0; t < T; ++t)
+    each_token(n_threads, 0, T, w.K, [&](int64_t t) {
       ks.quantize_row(x + t * w.K, w.K, q_.data() + t * w.K, &act_scale_[t], &act_sum_[t]);
+    });
     Gemm g{};
     g.tiles = w.tiles, g.layout = w.layout, g.M = w.M, g.K = w.K, g.q = q_.data(), g.n_tokens = T;
     g.act_scale = act_scale_.data(), g.act_sum = act_sum_.data(), g.row_scale = w.row_scale, g.out = y;
-    parallel_for(n_threads, (w.M + kTileRows - 1) / kTileRows,
-                 [&](int64_t b, int64_t e) { ks.gemm_tiles(g, b, e); });
+    multiply(ks, g, n_threads);
   }
 
   // y [T, sum of M] = the projections of x [T, K], side by side per token
@@ -243,7 +255,7 @@ class Model {
       }
       part_.resize(size_t(T * M));
       linear(ks, p.w, in, T, part_.data(), nt);
-      for (int64_t t = 0; t < T; ++t) std::memcpy(&y[t * total + offset], &part_[t * M], sizeof(float) * M);
+      each_token(nt, 0, T, M, [&](int64_t t) { std::memcpy(&y[t * total + offset], &part_[t * M], sizeof(float) * M); });
       offset += M;
     }
   }
@@ -254,7 +266,9 @@ class Model {
       ops::rms_norm(isa, d, post_norm, T, D_, eps_, scratch, nt);
       d = scratch;
     }
-    for (int64_t i = 0; i < T * D_; ++i) x[i] += d[i];
+    each_token(nt, 0, T, D_, [&](int64_t t) {
+      for (int64_t i = t * D_; i < (t + 1) * D_; ++i) x[i] += d[i];
+    });
   }
 
   struct OpTimes {
@@ -288,11 +302,11 @@ class Model {
       lap(tm.other);
       project(ks, isa, L.qkv, h.data(), T, qkv.data(), nt);
       lap(tm.ternary);
-      for (int64_t t = 0; t < T; ++t) {  // q, k, v are stacked per token
+      each_token(nt, 0, T, M, [&](int64_t t) {  // q, k, v are stacked per token
         std::memcpy(&q[t * qd], &qkv[t * M], sizeof(float) * qd);
         std::memcpy(&k[t * kvd], &qkv[t * M + qd], sizeof(float) * kvd);
         std::memcpy(&v[t * kvd], &qkv[t * M + qd + kvd], sizeof(float) * kvd);
-      }
+      });
       if (L.q_norm) ops::rms_norm(isa, q.data(), L.q_norm, T * Hq_, Dh_, eps_, q.data(), nt);  // per head
       if (L.k_norm) ops::rms_norm(isa, k.data(), L.k_norm, T * Hkv_, Dh_, eps_, k.data(), nt);
       ops::rope(q.data(), positions, T, Hq_, Dh_, L.theta, neox_, nt);
@@ -301,10 +315,10 @@ class Model {
         const size_t row = size_t(Hkv_ * Dh_) * (c.f16 ? 2 : 4), plane = row * size_t(c.n_ctx);
         uint8_t* kc = c.base + (2 * li) * plane;
         uint8_t* vc = kc + plane;
-        for (int64_t t = c.begin; t < c.end; ++t) {
+        each_token(nt, c.begin, c.end, 2 * kvd, [&](int64_t t) {
           ops::store_rows(isa, &k[t * kvd], kvd, kc + positions[t] * row, c.f16);
           ops::store_rows(isa, &v[t * kvd], kvd, vc + positions[t] * row, c.f16);
-        }
+        });
         ops::Attention at{&q[c.begin * qd], kc, vc, c.f16, positions + c.begin, c.end - c.begin,
                           Hq_, Hkv_, Dh_, &a[c.begin * qd], attn_scale_, L.window};
         ops::attention(isa, at, nt);
@@ -317,8 +331,9 @@ class Model {
       lap(tm.other);
       project(ks, isa, L.gate_up, h.data(), T, y.data(), nt);
       lap(tm.ternary);
-      for (int64_t t = 0; t < T; ++t)  // gate then up, per token
+      each_token(nt, 0, T, 2 * F_, [&](int64_t t) {  // gate then up, per token
         ops::gated(isa, &y[t * 2 * F_], &y[t * 2 * F_ + F_], F_, activation_, &f[t * F_], 1);
+      });
       lap(tm.other);
       project(ks, isa, L.ffn_down, f.data(), T, h.data(), nt);
       lap(tm.ternary);

@@ -75,6 +75,24 @@ def test_bench_model(tmp_path, capsys):
     assert main(["bench"]) == 2
 
 
+def test_bench_speculative(tmp_path, capsys):
+    """--lookup and --draft: plain and speculative greedy decoding of the same text, side by side."""
+    from tritlm.api import default_model_path
+
+    model = str(default_model_path())
+    text = tmp_path / "text.txt"
+    text.write_text("def area(width, height):\n    return width * height\n\n" * 3 + "def area(")
+    assert main(["bench", "-m", model, "-p", "8", "-n", "24", "-t", "1", "-r", "1", "-o", "json",
+                 "--lookup", "4", "--draft", model, "--text-file", str(text)]) == 0
+    plain, lookup, draft = json.loads(capsys.readouterr().out)["speculative_rows"]
+    assert [r["test"] for r in (plain, lookup, draft)] == ["tg24 plain", "tg24 lookup", "tg24 draft"]
+    assert lookup["max_guesses"] == 4 and lookup["same_text"] and draft["same_text"]
+    assert 0 < lookup["accepted"] <= lookup["proposed"]  # the text repeats: lookup finds guesses
+    assert 0 < draft["accepted"] == draft["proposed"]  # the model is its own draft: always right
+    assert lookup["speedup"] == pytest.approx(lookup["tokens_per_s"] / plain["tokens_per_s"])
+    assert main(["bench", "-m", model, "-n", "1", "--lookup"]) == 2
+
+
 def _tritlm(*args) -> list[str]:
     return [sys.executable, "-c", "import sys; from tritlm.cli import main; sys.exit(main())", *args]
 

@@ -320,3 +320,34 @@ def test_cli_errors(gguf_path, tmp_path, capsys, content, args, message):
     source.write_text(content, encoding="utf-8")
     assert main(["embed", "-m", str(gguf_path), "-f", str(source), "-o", str(tmp_path / "v.npy"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_prompts_named_by_the_model(tmp_path):
+    """A sentence-transformers model's own prompts (config_sentence_transformers.json): by name,
+    and its default one when no prompt is given."""
+    import json
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    write_bitnet(directory, "autobitlinear")
+    write_tokenizer(directory)
+    query = "Instruct: given a question, find the passage that answers it\nQuery: "
+    config = directory / "config_sentence_transformers.json"
+    config.write_text(json.dumps({"prompts": {"query": query, "document": ""}, "default_prompt_name": "query"}))
+    llm = LLM(directory, n_ctx=CTX)
+    texts = TEXTS[:2]
+    with_query = llm.embed(texts, prompt=query)
+    np.testing.assert_array_equal(llm.embed(texts, prompt_name="query"), with_query)
+    np.testing.assert_array_equal(llm.embed(texts), with_query)  # the default prompt
+    np.testing.assert_array_equal(llm.embed(texts, prompt_name="document"), llm.embed(texts, prompt=""))
+    assert not np.array_equal(llm.embed(texts, prompt=""), with_query)
+    with pytest.raises(ValueError, match="no prompt named 'passage' .it has: query, document"):
+        llm.embed(texts, prompt_name="passage")
+    with pytest.raises(ValueError, match="not both"):
+        llm.embed(texts, prompt="x", prompt_name="query")
+    config.write_text(json.dumps({"prompts": {"query": 1}}))
+    with pytest.raises(ValueError, match="prompts must map names to strings"):
+        LLM(directory)
+    config.write_text(json.dumps({"prompts": {"query": query}, "default_prompt_name": "passage"}))
+    with pytest.raises(ValueError, match="default_prompt_name .*passage.* is not one of the prompts"):
+        LLM(directory)

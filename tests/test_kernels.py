@@ -103,6 +103,22 @@ def test_gemm_many_tiles_per_thread(isa, rng, layout, tokens):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["tiles", "tiles5"])
+def test_gemm_tokens_in_several_passes(isa, rng, layout):
+    """More tokens than one pass over the tiles keeps in L2 (256 KB of activations: 32 tokens at
+    K = 8192) go in passes, the last one short and in uneven blocks."""
+    m, k, tokens = 37, 8192, 77
+    ternary = random_ternary(rng, m, k)
+    matrix = kernels.TernaryMatrix(ternary, rng.uniform(0.5, 2, m).astype(np.float32), layout)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    acts = kernels.quantize_activations(x, isa=isa)
+    q, act_scale, row_sum = quant.quantize_activations(x)
+    np.testing.assert_array_equal(matrix.code_sums(acts, isa=isa, n_threads=2), quant.code_sums(ternary, q))
+    np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=2),
+                                  quant.ternary_matmul(ternary, matrix.scale, q, act_scale, row_sum))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["tiles", "tiles5"])
 @pytest.mark.parametrize("code,value", [(2, 127), (2, -128), (0, -128), (1, 127)])
 @pytest.mark.parametrize("tokens", [1, 3])  # the decode kernel and the GEMM
 def test_gemm_largest_sums_are_exact(isa, layout, code, value, tokens):

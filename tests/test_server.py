@@ -819,6 +819,21 @@ def test_speculative_and_ordinary_sequences_share_a_step(oracle, scheduler_of, d
     assert any(max(step) > 1 and 1 in step for step in engine.log if len(step) == 4)
 
 
+def test_draft_steps_are_shared_by_the_requests(oracle, scheduler_of, draft_path):
+    """Three requests with the same draft model: each draft step is one forward pass for all of
+    them (the draft's weights read once), and every text is still plain greedy decoding's."""
+    draft = _Slow(LLM(draft_path, n_ctx=CTX).engine, 0.0)
+    scheduler, _ = scheduler_of(max_batch=3, prefill_chunk=64, draft_engine=draft)
+    prompts = [REPEATING, "def fibonacci(n): return fibonacci", "The lazy dog"]
+    jobs = [job(oracle, p, max_tokens=30, speculative="draft", max_guesses=4) for p in prompts]
+    scheduler.submit([j for j, _ in jobs])
+    for (j, sink), prompt in zip(jobs, prompts):
+        assert sink.done.wait(60)
+        assert sink.text == oracle.generate(prompt, max_tokens=30, temperature=0)
+    assert [1, 1, 1] in draft.log  # a draft step guessing for all three
+    assert len(draft.log) < scheduler.metrics.proposed_tokens  # fewer passes than guesses
+
+
 def test_speculative_sampling_is_reproducible(oracle, scheduler_of):
     scheduler, _ = scheduler_of(max_batch=2)
     texts = []

@@ -34,8 +34,10 @@ def test_proposes_what_followed_the_most_recent_match():
     assert LookupProposer(k=2).propose([9, 1, 7, 5, 1, 8, 1]) == [8, 1]  # the later 1, not the first
     assert LookupProposer(k=4).propose([1, 2, 3, 4], limit=0) == []
     assert LookupProposer(k=4).propose([5, 6, 7, 5, 6], limit=1) == [7]
-    # near the end, fewer than k tokens followed the match
-    assert LookupProposer(k=8).propose([1, 2, 3, 1, 2]) == [3, 1, 2]
+    # near the end, fewer than k tokens followed the match: the text goes on repeating with the
+    # period from the match to now
+    assert LookupProposer(k=8).propose([1, 2, 3, 1, 2]) == [3, 1, 2, 3, 1, 2, 3, 1]
+    assert LookupProposer(k=5).propose([4, 0, 0]) == [0, 0, 0, 0, 0]
 
 
 def test_longer_ngrams_come_first():
@@ -294,7 +296,7 @@ def _greedy_params():
 def _greedy(llm, prompt, max_tokens, speculative) -> list[int]:
     """Greedy token ids, on past the end-of-text token (for long outputs)."""
     stream = TextStream(llm.tokenizer, max_tokens=max_tokens, stop_ids=set())
-    "".join(llm._pieces(prompt, max_tokens, None, _greedy_params(), stream=stream, speculative=speculative))
+    "".join(llm._pieces(prompt, stream, _greedy_params(), speculative))
     return stream.tokens
 
 
@@ -319,7 +321,7 @@ def test_tokens_are_identical_to_the_end_of_the_context():
     runs = {}
     for mode in (None, "lookup", None, "lookup"):
         text_stream = TextStream(llm.tokenizer, max_tokens=10_000, stop_ids=set())
-        "".join(llm._pieces(ids, 10_000, None, _greedy_params(), stream=text_stream, speculative=mode))
+        "".join(llm._pieces(ids, text_stream, _greedy_params(), mode))
         assert text_stream.finish_reason == "length"
         runs.setdefault(mode, []).append(text_stream.tokens)
     assert runs["lookup"][0] == runs[None][0] == runs["lookup"][1] == runs[None][1]

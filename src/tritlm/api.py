@@ -67,6 +67,9 @@ class LLM:
         self.config = config
         self.metadata = metadata
         self.tokenizer = Tokenizer.of_model(model_path, metadata, config.vocab_size)
+        # named embedding prompts, as sentence-transformers keeps them (Hugging Face directories)
+        self.prompts, self.default_prompt_name = \
+            loader.sentence_prompts(model_path) if os.path.isdir(model_path) else ({}, None)
         layout = ({} if weight_layout is None else {"weight_layout": weight_layout}) | ({"mmap": True} if mmap else {})
         if layout and device != "cpu":
             raise ValueError(f"{' and '.join(layout)} {'are' if len(layout) > 1 else 'is'} the CPU engine's; "
@@ -152,37 +155,54 @@ class LLM:
         return self.tokenizer.encode(text, special=False)
 
     def embed(self, texts: str | list[str], *, normalize: bool = True, batch_size: int = 32,
-              truncate: bool = True, prompt: str | None = None, dimensions: int | None = None,
-              progress=None) -> np.ndarray:
+              truncate: bool = True, prompt: str | None = None, prompt_name: str | None = None,
+              dimensions: int | None = None, progress=None) -> np.ndarray:
         """Embeddings of `texts`, float32 [len(texts), dim], as sentence-transformers' `encode`:
         a single text gives one vector [dim]. Each is the model's pooling (`config.pooling`: the
         mean of the final hidden states, or the last token's) of its text, cut to its first
         `dimensions` values (default all), then scaled to unit length unless normalize=False.
 
-        prompt: text put before each text (an instruction or a "query: " prefix). batch_size:
+        prompt: text put before each text (an instruction or a "query: " prefix); prompt_name:
+        one of the model's own (`prompts`, from its config_sentence_transformers.json), whose
+        `default_prompt_name` applies when neither is given. batch_size:
         texts run together in each forward pass (the longest first, so each batch packs alike;
         the rows come back in the input's order). A text of more tokens than the context keeps
         its first n_ctx with truncate=True; with False it is an error. progress(done, total) is
         called after each batch."""
         single = isinstance(texts, str)
-        ids = self._embedding_ids([texts] if single else list(texts), prompt, truncate)
+        ids = self._embedding_ids([texts] if single else list(texts), self._prompt(prompt, prompt_name), truncate)
         vectors = self._embed(ids, batch_size=batch_size, normalize=normalize, dimensions=dimensions,
                               progress=progress)
         return vectors[0] if single else vectors
 
     def create_embedding(self, input: str | list[str], model: str | None = None, *,
                          dimensions: int | None = None, encoding_format: str = "float",
-                         prompt: str | None = None) -> dict:
+                         prompt: str | None = None, prompt_name: str | None = None) -> dict:
         """OpenAI's embeddings response (llama-cpp-python's name and shape) for a text or texts:
         unit-length vectors (cut to `dimensions` first), as lists of floats or, with
         encoding_format="base64", little-endian float32 bytes in base64; texts too long for the
         context are truncated."""
         embeddings.check_encoding_format(encoding_format)
-        ids = self._embedding_ids([input] if isinstance(input, str) else list(input), prompt, truncate=True)
+        ids = self._embedding_ids([input] if isinstance(input, str) else list(input), self._prompt(prompt, prompt_name),
+                                  truncate=True)
         vectors = self._embed(ids, dimensions=dimensions)
         return embeddings.openai_response(vectors, model or self.model_name, sum(map(len, ids)), encoding_format)
 
-    def _embedding_ids(self, texts: list[str], prompt: str | None, truncate: bool) -> list[list[int]]:
+    def _prompt(self, prompt: str | None, prompt_name: str | None) -> str:
+        """The text put before each embedded text: `prompt`, the model's prompt named prompt_name,
+        or its default one."""
+        if prompt is not None and prompt_name is not None:
+            raise ValueError("give prompt or prompt_name, not both")
+        if prompt is not None:
+            return prompt
+        name = self.default_prompt_name if prompt_name is None else prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise ValueError(f"the model has no prompt named {name!r} (it has: {', '.join(self.prompts) or 'none'})")
+        return self.prompts[name]
+
+    def _embedding_ids(self, texts: list[str], prompt: str, truncate: bool) -> list[list[int]]:
         """Each text's tokens, `prompt` first, cut to the context (truncate=True) or refused."""
         out = []
         for i, text in enumerate(texts):
@@ -190,7 +210,7 @@ class LLM:
                 raise ValueError(f"texts[{i}] is not a string but {type(text).__name__}")
             if not text:
                 raise ValueError(f"texts[{i}] is empty")
-            ids = self.embedding_tokens((prompt or "") + text)
+            ids = self.embedding_tokens(prompt + text)
             if len(ids) > self.n_ctx and not truncate:
                 raise ValueError(f"texts[{i}] has {len(ids)} tokens; the context holds {self.n_ctx} "
                                  "(truncate=True keeps the first ones, or load the model with a larger n_ctx)")
@@ -218,7 +238,8 @@ class LLM:
     # --------------------------------------------------------------------------- generation
 
     def stream(self, prompt: str | list[int], *, max_tokens: int = 256, stop: list[str] | None = None,
-               speculative: str | None = None, max_guesses: int = 8, **sampling) -> Iterator[str]:
+               speculative: str | None = None, max_guesses: int = 8, ignore_eos: bool = False,
+               **sampling) -> Iterator[str]:
         """The completion of `prompt` (text, or token ids), piece by piece as it is generated.
 
         speculative decoding (`tritlm.speculative`): each step also checks up to `max_guesses`
@@ -227,16 +248,18 @@ class LLM:
         the draft model's (`draft_model`). The output is the model's own: token for token the same
         when greedy, and with sampling drawn from exactly the same distribution (the speculative
         sampling rule, `sampling.speculative_choice`), though not the same text for a seed as
-        plain decoding. `timings` then counts the "proposed_tokens" and "accepted_tokens"."""
-        yield from self._pieces(prompt, max_tokens, stop, SamplingParams(**sampling), speculative=speculative,
-                                max_guesses=max_guesses)
+        plain decoding. `timings` then counts the "proposed_tokens" and "accepted_tokens".
+
+        ignore_eos: end-of-turn tokens don't end the text (for benchmarks: exactly max_tokens)."""
+        stream = TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop, stop_ids=set() if ignore_eos else None)
+        yield from self._pieces(prompt, stream, SamplingParams(**sampling), speculative, max_guesses)
 
     def generate(self, prompt: str | list[int], *, max_tokens: int = 256,
                  stop: list[str] | None = None, speculative: str | None = None, max_guesses: int = 8,
-                 **sampling) -> str:
+                 ignore_eos: bool = False, **sampling) -> str:
         """The completion of `prompt`, whole; arguments as `stream`'s."""
         return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, speculative=speculative,
-                                   max_guesses=max_guesses, **sampling))
+                                   max_guesses=max_guesses, ignore_eos=ignore_eos, **sampling))
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):  # a chat prompt may carry its own BOS already
@@ -254,12 +277,10 @@ class LLM:
                              "(load the model with a larger n_ctx, or shorten the prompt)")
         return ids
 
-    def _pieces(self, prompt, max_tokens: int, stop, params: SamplingParams,
-                stream: TextStream | None = None, speculative: str | None = None,
+    def _pieces(self, prompt, stream: TextStream, params: SamplingParams, speculative: str | None = None,
                 max_guesses: int = 8) -> Iterator[str]:
         proposer = self._proposer(speculative, max_guesses)
         ids = self._prompt_ids(prompt)
-        stream = stream or TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
         sampler = Sampler(params)
         start = time.perf_counter()
         logits = self._prefill(ids)
@@ -416,8 +437,7 @@ class LLM:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}
         text_stream = TextStream(self.tokenizer, max_tokens=max_tokens, stop=stop)
-        pieces = self._pieces(ids, max_tokens, stop, params, stream=text_stream, speculative=speculative,
-                              max_guesses=max_guesses)
+        pieces = self._pieces(ids, text_stream, params, speculative, max_guesses)
         usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": len(text_stream.tokens),  # noqa: E731
                          "total_tokens": len(ids) + len(text_stream.tokens)}
         if not stream:

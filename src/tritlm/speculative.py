@@ -53,11 +53,16 @@ class Proposer:
 
     def propose(self, context: list[int], limit: int | None = None) -> list[int]:
         """Up to min(k, limit) guesses of the tokens after `context` (prompt and output so far)."""
-        k = self.k if limit is None else min(self.k, limit)
+        k = self.wanted(limit)
+        return self._guess(context, k) if k else []
+
+    def wanted(self, limit: int | None = None) -> int:
+        """How many guesses to make this step: min(k, limit), or 0 while pausing (this step then
+        counts as paused)."""
         if self._pause:
             self._pause -= 1
-            return []
-        return self._guess(context, k) if k > 0 else []
+            return 0
+        return max(0, self.k if limit is None else min(self.k, limit))
 
     def _guess(self, context: list[int], k: int) -> list[int]:
         raise NotImplementedError
@@ -81,8 +86,9 @@ class Proposer:
 class LookupProposer(Proposer):
     """Proposes the tokens that followed the most recent earlier occurrence of the context's last
     `max_ngram` tokens, else of its last max_ngram - 1, ... down to `min_ngram` (longest first: a
-    longer match is a better predictor). Nothing when no n-gram matches, so text that never
-    repeats costs no verification."""
+    longer match is a better predictor). When fewer than k tokens follow the match, the text is
+    repeating itself with the period from there to now, and the guesses go on with that period.
+    Nothing when no n-gram matches, so text that never repeats costs no verification."""
 
     def __init__(self, *, max_ngram: int = 3, min_ngram: int = 1, k: int = 4, k_max: int = 8):
         if not 1 <= min_ngram <= max_ngram:
@@ -100,7 +106,11 @@ class LookupProposer(Proposer):
         self._indexed = max(self._indexed, len(context))
         for n in self.ngrams:
             if len(context) >= n and (at := self._next.get(tuple(context[-n:]))) is not None:
-                return context[at : at + k]
+                # copied as LZ77 copies: a match that runs into the present repeats with its period
+                guesses = context[at : at + k]
+                while len(guesses) < k:
+                    guesses.append(guesses[len(guesses) - (len(context) - at)])
+                return guesses
         return []
 
 
@@ -116,19 +126,49 @@ class DraftProposer(Proposer):
         self.engine, self.sequence, self.cached = engine, sequence, cached
 
     def _guess(self, context: list[int], k: int) -> list[int]:
-        k = min(k, self.sequence.n_ctx - len(context))  # the draft's cache must hold them
-        if k <= 0:
-            return []
+        return draft_guesses([(self, context, k)])[0]
+
+    def _rewind(self, context: list[int]) -> list[int]:
+        """Rewinds the sequence to the longest start of `context` it holds; the tokens to feed."""
         common = common_prefix(self.cached, context[:-1])  # at least one token must run, for its logits
         self.sequence.truncate(common)
         del self.cached[common:]
-        guesses, fed = [], context[common:]
-        while len(guesses) < k:
-            logits = self.engine.forward([(self.sequence, fed)])[0]
-            self.cached.extend(fed)
-            guesses.append(int(np.argmax(logits[-1])))
-            fed = guesses[-1:]
-        return guesses
+        return context[common:]
+
+
+def draft_guesses(requests: list[tuple[DraftProposer, list[int], int]]) -> list[list[int]]:
+    """The guesses of draft proposers (proposer, context, k), made in lockstep: each draft step is
+    one forward pass for every proposer of an engine, so a server's draft model reads its weights
+    once per step for all its requests, not once per request."""
+    proposers = [p for p, _, _ in requests]
+    wanted = [min(k, p.sequence.n_ctx - len(context)) for p, context, k in requests]  # the cache must hold them
+    fed = [p._rewind(context) if k > 0 else [] for (p, context, _), k in zip(requests, wanted)]
+    guesses: list[list[int]] = [[] for _ in requests]
+    while active := [i for i in range(len(requests)) if len(guesses[i]) < wanted[i]]:
+        for engine in {id(proposers[i].engine): proposers[i].engine for i in active}.values():
+            group = [i for i in active if proposers[i].engine is engine]
+            rows = engine.forward([(proposers[i].sequence, fed[i]) for i in group])
+            for i, logits in zip(group, rows):
+                proposers[i].cached.extend(fed[i])
+                guesses[i].append(int(np.argmax(logits[-1])))
+                fed[i] = guesses[i][-1:]
+    return guesses
+
+
+def propose_all(requests: list[tuple[Proposer, list[int], int | None]]) -> list[list[int]]:
+    """Each proposer's guesses after its context (up to its limit), as `Proposer.propose` makes
+    them, the draft models' in shared steps (`draft_guesses`)."""
+    wanted = [p.wanted(limit) for p, _, limit in requests]
+    guesses: list[list[int]] = [[] for _ in requests]
+    drafts = []
+    for i, ((p, context, _), k) in enumerate(zip(requests, wanted)):
+        if k and isinstance(p, DraftProposer):
+            drafts.append(i)
+        elif k:
+            guesses[i] = p._guess(context, k)
+    for i, g in zip(drafts, draft_guesses([(requests[i][0], requests[i][1], wanted[i]) for i in drafts])):
+        guesses[i] = g
+    return guesses
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -26,6 +26,14 @@ def add_parser(subparsers) -> None:
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (default 3)")
     bench.add_argument("-o", "--output", default="md", choices=["md", "json", "csv"], help="output format")
     add_weight_arguments(bench)
+    bench.add_argument("--lookup", type=int, nargs="?", const=8, default=None, metavar="N",
+                       help="also decode greedily after a text with prompt lookup (up to N guesses a step, "
+                            "default 8), beside plain decoding: tokens/s and guesses accepted")
+    bench.add_argument("--draft", default=None, metavar="MODEL",
+                       help="the same with a draft model (a smaller model with the same tokenizer)")
+    bench.add_argument("--text-file", default=None, metavar="FILE",
+                       help="the text --lookup and --draft continue (default: a class and the start of "
+                            "the same class again, where a good guesser is right most of the time)")
     bench.set_defaults(func=run_model)
     targets = bench.add_subparsers(dest="target", metavar="TARGET")
     p = targets.add_parser(
@@ -60,8 +68,17 @@ def run_model(args) -> int:
     threads = args.threads or [default_threads()]
     if min(threads) < 1 or min(args.n_prompt) < 1 or args.n_gen < 0 or args.repetitions < 1:
         raise ValueError("threads, prompt lengths and repetitions must be positive")
+    if (args.lookup or args.draft) and args.n_gen < 2:
+        raise ValueError("--lookup and --draft need -n of at least 2")
+    if args.lookup is not None and args.lookup < 1:
+        raise ValueError("--lookup N needs N of at least 1")
+    text = harness.REPEATING_TEXT
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
     report = harness.run(args.model, prompts=args.n_prompt, n_gen=args.n_gen, threads=threads,
-                         repeats=args.repetitions, weight_layout=args.weight_layout, mmap=args.mmap)
+                         repeats=args.repetitions, weight_layout=args.weight_layout, mmap=args.mmap,
+                         lookup=args.lookup, draft=args.draft, text=text)
     print({"md": harness.markdown, "csv": harness.csv, "json": lambda r: json.dumps(r, indent=1)}
           [args.output](report))
     return 0

@@ -28,6 +28,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-truncate", action="store_true",
                    help="a text longer than the context is an error (default: keep its first tokens)")
     p.add_argument("-p", "--prompt", default=None, help='text put before every line (e.g. "query: ")')
+    p.add_argument("--prompt-name", default=None,
+                   help="one of the model's named prompts (config_sentence_transformers.json), e.g. query")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size: the most tokens of a text (default: the model's, at most 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
@@ -66,7 +68,7 @@ def run(args) -> int:
     llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device)
     with tqdm(total=len(texts), unit="text", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
         vectors = llm.embed(texts, batch_size=args.batch_size, normalize=not args.no_normalize,
-                            truncate=not args.no_truncate, prompt=args.prompt, dimensions=args.dimensions,
+                            truncate=not args.no_truncate, prompt=args.prompt, prompt_name=args.prompt_name, dimensions=args.dimensions,
                             progress=lambda done, total: bar.update(done - bar.n))
     with open(args.output, "wb") as f:  # np.save would add ".npy" to a name without it
         np.save(f, vectors)

@@ -379,6 +379,23 @@ def sentence_pooling(directory) -> str | None:
     return None
 
 
+def sentence_prompts(directory) -> tuple[dict[str, str], str | None]:
+    """A sentence-transformers model's named prompts (config_sentence_transformers.json: an
+    instruction before queries, say) and the name of the one used by default, if any."""
+    path = os.path.join(directory, "config_sentence_transformers.json")
+    if not os.path.isfile(path):
+        return {}, None
+    with open(path, encoding="utf-8") as f:
+        config = checked(json.load(f), dict, path)
+    prompts = config.get("prompts") or {}
+    if not is_kind(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ValueError(f"{path}: prompts must map names to strings")
+    default = config.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ValueError(f"{path}: default_prompt_name {short(default)} is not one of the prompts")
+    return prompts, default
+
+
 def load_hf(directory) -> tuple[ModelConfig, dict]:
     ckpt = HFCheckpoint(directory)
     try:

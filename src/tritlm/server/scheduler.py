@@ -36,7 +36,7 @@ import numpy as np
 from .. import embeddings
 from ..generation import TextStream
 from ..sampling import Sampler, SamplingParams
-from ..speculative import DraftProposer, LookupProposer, common_prefix, verify
+from ..speculative import DraftProposer, LookupProposer, common_prefix, propose_all, verify
 
 log = logging.getLogger("tritlm.server")
 
@@ -326,15 +326,16 @@ class Scheduler:
         decoding, as nobody waits then)."""
         decoding = [r for r in running if r.next_token is not None]
         budget = self.prefill_chunk if decoding else max(self.prefill_chunk, self.engine.prefill_chunk)
+        proposing = [r for r in decoding if r.proposer]  # (draft models run for all in shared steps)
+        guesses = dict(zip(map(id, proposing), propose_all([(r.proposer, r.context, self._room(r)) for r in proposing])))
         batch, fed = [], []  # fed: (job, its tokens, how many of them are guesses)
         for r in running:
             job = r.job
             if job.embedding:
                 continue
             if r.next_token is not None:
-                guesses = r.proposer.propose(r.context, self._room(r)) if r.proposer else []
-                batch.append((self.slots[job.slot], [r.next_token] + guesses))
-                fed.append((r, batch[-1][1], len(guesses)))
+                batch.append((self.slots[job.slot], [r.next_token] + guesses.get(id(r), [])))
+                fed.append((r, batch[-1][1], len(batch[-1][1]) - 1))
             elif budget > 0:
                 chunk = job.prompt[job.fed : job.fed + budget]
                 budget -= len(chunk)
