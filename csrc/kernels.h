@@ -90,6 +90,16 @@ KernelSet avx512_kernels();
 // The AVX2 tiles5 product, which the AVX-512 set falls back to on CPUs without AVX512-VBMI.
 void avx2_gemm_tiles5(const Gemm& g, int64_t tile_begin, int64_t tile_end);
 #endif
+#if defined(__aarch64__)
+KernelSet neon_kernels();
+KernelSet dotprod_kernels();  // ARMv8.2 SDOT
+KernelSet i8mm_kernels();     // ARMv8.6 SMMLA (and SDOT for one token)
+// Shared by the sets: the quantizer and the read need nothing past baseline ASIMD, and the i8mm
+// set's one-token product is the dotprod one (every CPU with I8MM has DotProd).
+bool neon_quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum);
+uint64_t neon_read_bytes(const uint8_t* p, int64_t n);
+void dotprod_gemm_tiles(const Gemm& g, int64_t tile_begin, int64_t tile_end);
+#endif
 
 // Helpers are static: each instruction-set file gets its own copy, so the linker can never
 // hand an AVX-512 build of one to the portable path.

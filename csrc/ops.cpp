@@ -30,6 +30,11 @@
 #define TRITLM_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
+#if defined(__aarch64__)
+#define TRITLM_NEON 1
+#include <arm_neon.h>
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__)
 // V's registers pass between generic templates that are always inlined into an entry point of
 // their ISA, so GCC's ABI note about standalone copies never applies. GCC 12's AVX-512 headers
@@ -310,6 +315,102 @@ struct Avx2 {
     float f[16];
     store(f, a);
     std::memcpy(p, f, 4 * n);
+  }
+};
+#endif
+
+#ifdef TRITLM_NEON
+// Baseline ASIMD, four q registers. Written to give the AVX-512 and AVX2 ops' results bit for bit:
+// fused multiply-adds where they fuse, the same halving tree in sum, and x86's min/max (the
+// second operand when either is NaN), which FMIN/FMAX do not follow.
+struct Neon {
+  struct R { float32x4_t v[4]; };
+  static constexpr int kRegisterChunks = 2;  // 32 registers, 4 per vector: as AVX2's 16 of 2
+  template <class F> static R map(F f) { return {{f(0), f(1), f(2), f(3)}}; }
+  static R set1(float a) { const float32x4_t v = vdupq_n_f32(a); return {{v, v, v, v}}; }
+  static R zero() { return set1(0.0f); }
+  static R load(const float* p) { return map([&](int i) { return vld1q_f32(p + 4 * i); }); }
+  static R load_f16(const uint16_t* p) {
+    return map([&](int i) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * i))); });
+  }
+  static float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); }
+  static R load_i8(const int8_t* p) {
+    const int8x16_t b = vld1q_s8(p);
+    const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_high_s8(b);
+    return {{vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vcvtq_f32_s32(vmovl_high_s16(lo)),
+             vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vcvtq_f32_s32(vmovl_high_s16(hi))}};
+  }
+  struct W { int16x8_t v[4]; };
+  static W widen_i8(const int8_t* q) {
+    const int8x16_t a = vld1q_s8(q), b = vld1q_s8(q + 16);
+    return {{vmovl_s8(vget_low_s8(a)), vmovl_high_s8(a), vmovl_s8(vget_low_s8(b)), vmovl_high_s8(b)}};
+  }
+  static R dot_pairs(const int16_t* x, const W& q) {  // (every sum an exact integer)
+    return map([&](int i) {
+      const int16x8_t xv = vld1q_s16(x + 8 * i);
+      const int32x4_t lo = vmull_s16(vget_low_s16(xv), vget_low_s16(q.v[i])), hi = vmull_high_s16(xv, q.v[i]);
+      return vcvtq_f32_s32(vpaddq_s32(lo, hi));
+    });
+  }
+  static R dot_split(const uint8_t* u, const int8_t* xh, const uint8_t* xl) {
+    return map([&](int i) {
+      const uint8x16_t codes = vld1q_u8(u + 16 * i), low = vld1q_u8(xl + 16 * i);
+      const int8x16_t high = vld1q_s8(xh + 16 * i), signed_codes = vreinterpretq_s8_u8(codes);  // (< 64)
+      const int16x8_t h0 = vmull_s8(vget_low_s8(signed_codes), vget_low_s8(high)), h1 = vmull_high_s8(signed_codes, high);
+      const uint16x8_t l0 = vmull_u8(vget_low_u8(codes), vget_low_u8(low)), l1 = vmull_high_u8(codes, low);
+      const int32x4_t h = vpaddq_s32(vpaddlq_s16(h0), vpaddlq_s16(h1));
+      const int32x4_t l = vreinterpretq_s32_u32(vpaddq_u32(vpaddlq_u16(l0), vpaddlq_u16(l1)));
+      return vcvtq_f32_s32(vaddq_s32(vshlq_n_s32(h, 8), l));
+    });
+  }
+  static R spread4(const float* s) { return map([&](int i) { return vdupq_n_f32(s[i]); }); }
+  static void store(float* p, const R& a) { for (int i = 0; i < 4; ++i) vst1q_f32(p + 4 * i, a.v[i]); }
+  static void store_f16(uint16_t* p, const R& a) {  // FCVTN rounds to nearest even
+    for (int i = 0; i < 4; ++i) vst1_u16(p + 4 * i, vreinterpret_u16_f16(vcvt_f16_f32(a.v[i])));
+  }
+  static R add(const R& a, const R& b) { return map([&](int i) { return vaddq_f32(a.v[i], b.v[i]); }); }
+  static R sub(const R& a, const R& b) { return map([&](int i) { return vsubq_f32(a.v[i], b.v[i]); }); }
+  static R mul(const R& a, const R& b) { return map([&](int i) { return vmulq_f32(a.v[i], b.v[i]); }); }
+  static R div(const R& a, const R& b) { return map([&](int i) { return vdivq_f32(a.v[i], b.v[i]); }); }
+  static R fma(const R& a, const R& b, const R& c) { return map([&](int i) { return vfmaq_f32(c.v[i], a.v[i], b.v[i]); }); }
+  static float32x4_t min4(float32x4_t a, float32x4_t b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+  static float32x4_t max4(float32x4_t a, float32x4_t b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+  static R min(const R& a, const R& b) { return map([&](int i) { return min4(a.v[i], b.v[i]); }); }
+  static R max(const R& a, const R& b) { return map([&](int i) { return max4(a.v[i], b.v[i]); }); }
+  static R round(const R& a) { return map([&](int i) { return vrndnq_f32(a.v[i]); }); }
+  static R scale2(const R& p, const R& n) {  // p * 2^n for integral n in [-126, 128]: AVX2's two exact halves
+    return map([&](int i) {
+      const int32x4_t e = vcvtnq_s32_f32(n.v[i]), half = vshrq_n_s32(e, 1), bias = vdupq_n_s32(127);
+      const float32x4_t a = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(half, bias), 23));
+      const float32x4_t b = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vsubq_s32(e, half), bias), 23));
+      return vmulq_f32(vmulq_f32(p.v[i], a), b);
+    });
+  }
+  static float sum(const R& a) {  // lanes i + 8 onto i, then i + 4, i + 2, i + 1: x86's reduction order
+    const float32x4_t s = vaddq_f32(vaddq_f32(a.v[0], a.v[2]), vaddq_f32(a.v[1], a.v[3]));
+    const float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    return vget_lane_f32(t, 0) + vget_lane_f32(t, 1);
+  }
+  static float max_of(const R& a) {  // _mm512_reduce_max_ps's tree and operand order
+    const float32x4_t s = max4(max4(a.v[3], a.v[1]), max4(a.v[2], a.v[0]));
+    const float32x4_t t = max4(s, vextq_f32(s, s, 2));
+    const float x = vgetq_lane_f32(t, 0), y = vgetq_lane_f32(t, 1);
+    return x > y ? x : y;
+  }
+  static R load_partial(const float* p, int n) {
+    float f[16] = {};
+    std::memcpy(f, p, 4 * size_t(n));
+    return load(f);
+  }
+  static R load_partial_f16(const uint16_t* p, int n) {
+    uint16_t h[16] = {};
+    std::memcpy(h, p, 2 * size_t(n));
+    return load_f16(h);
+  }
+  static void store_partial(float* p, const R& a, int n) {
+    float f[16];
+    store(f, a);
+    std::memcpy(p, f, 4 * size_t(n));
   }
 };
 #endif
@@ -1100,11 +1201,17 @@ TRITLM_OP_TABLE(portable, Portable, )
 TRITLM_OP_TABLE(avx2, Avx2, TRITLM_AVX2)
 TRITLM_OP_TABLE(avx512, Avx512, TRITLM_AVX512)
 #endif
+#ifdef TRITLM_NEON
+TRITLM_OP_TABLE(neon, Neon, )
+#endif
 
 const OpTable& ops_for(Isa isa) {
 #ifdef TRITLM_X86
   if (isa == Isa::avx512) return avx512_ops;
   if (isa == Isa::avx2) return avx2_ops;
+#endif
+#ifdef TRITLM_NEON
+  if (isa == Isa::neon) return neon_ops;
 #endif
   (void)isa;
   return portable_ops;
@@ -1125,6 +1232,9 @@ Isa isa_named(const std::string& name) {
 #ifdef TRITLM_X86
   if (name == "avx512") return Isa::avx512;
   if (name == "avx2") return __builtin_cpu_supports("f16c") ? Isa::avx2 : Isa::portable;
+#endif
+#ifdef TRITLM_NEON
+  if (name == "i8mm" || name == "dotprod" || name == "neon") return Isa::neon;
 #endif
   return Isa::portable;
 }

@@ -9,9 +9,10 @@
 namespace tritlm {
 namespace ops {
 
-enum class Isa { portable, avx2, avx512 };
+enum class Isa { portable, avx2, avx512, neon };
 
-// The ops' instruction set for a kernel-set name ("avx512", "avx2", "portable"); throws
+// The ops' instruction set for a kernel-set name ("avx512", "avx2", "i8mm", "dotprod", "neon",
+// "portable"; the aarch64 sets share the NEON ops); throws
 // std::invalid_argument when this CPU cannot run it.
 Isa isa_named(const std::string& name);
 
