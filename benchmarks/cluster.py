@@ -9,10 +9,11 @@ tokens):
   ray Rx1  `tritlm serve --ray --replicas R -t T/R`        R engines of T/R threads, S/R slots each
 
 For each: aggregate tokens/s (S * N tokens over the wall time of a round of S streams), the
-median gap between a stream's chunks (the time per streamed token), and the median latency of
-a tiny request (one generated token) and of GET /v1/models (no engine work), sent one at a time
-while nothing else runs. "direct" against "ray 1xT" is the cost of Ray's proxy, per request
-and per streamed token; "direct" against "ray Rx1" is whether replicas pay on one machine.
+median gap between a stream's chunks (the time per streamed token) in those rounds and in a
+stream alone, and the median latency of a tiny request (one generated token) and of GET
+/v1/models (no engine work), sent one at a time while nothing else runs. "direct" against
+"ray 1xT" is the cost of Ray's proxy, per request and per streamed token; "direct" against
+"ray Rx1" is whether replicas pay on one machine.
 
     python benchmarks/cluster.py --model PATH --streams 16 --tokens 64 --repeats 3
 """
@@ -90,11 +91,14 @@ async def stream(api: openai.AsyncOpenAI, model: str, i: int, tokens: int) -> li
 async def measure(url: str, args) -> dict:
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as api:
         model = (await api.models.list()).data[0].id
-        rounds = []
-        for repeat in range(args.repeats + 1):  # the first warms every slot up
+
+        async def timed_round(streams: int) -> tuple[float, list[list[float]]]:
             started = time.perf_counter()
-            times = await asyncio.gather(*(stream(api, model, i, args.tokens) for i in range(args.streams)))
-            rounds.append((time.perf_counter() - started, times))
+            times = await asyncio.gather(*(stream(api, model, i, args.tokens) for i in range(streams)))
+            return time.perf_counter() - started, times
+
+        rounds = [await timed_round(args.streams) for _ in range(args.repeats + 1)][1:]  # the first warms up every slot
+        alone = await timed_round(1)
         tiny, listing = [], []
         async with httpx.AsyncClient(base_url=url, timeout=600) as http:
             for _ in range(TINY_REQUESTS):
@@ -104,9 +108,11 @@ async def measure(url: str, args) -> dict:
                 started = time.perf_counter()
                 (await http.get("/v1/models")).raise_for_status()
                 listing.append(time.perf_counter() - started)
-    gaps = [b - a for _, times in rounds[1:] for t in times for a, b in zip(t, t[1:])]
-    return {"tokens_per_s": [args.streams * args.tokens / wall for wall, _ in rounds[1:]],
-            "gap_ms": 1e3 * statistics.median(gaps), "tiny_ms": 1e3 * statistics.median(tiny),
+
+    def gap_ms(rounds):  # between a stream's chunks, after its first
+        return 1e3 * statistics.median(b - a for _, times in rounds for t in times for a, b in zip(t, t[1:]))
+    return {"tokens_per_s": [args.streams * args.tokens / wall for wall, _ in rounds], "gap_ms": gap_ms(rounds),
+            "gap_alone_ms": gap_ms([alone]), "tiny_ms": 1e3 * statistics.median(tiny),
             "models_ms": 1e3 * statistics.median(listing)}
 
 
@@ -138,11 +144,13 @@ def main(argv=None) -> int:
                     stop(server)
             print(name, results[name], file=sys.stderr, flush=True)
     print(f"\n{s} streams x {args.tokens} tokens, {args.repeats} rounds; {args.model}\n")
-    print("| server | aggregate tokens/s (each round) | gap between chunks, median | tiny request | GET /v1/models |")
-    print("|---|---|---|---|---|")
+    print(f"| server | aggregate tokens/s (each round) | gap between chunks: {s} streams | 1 stream "
+          "| tiny request | GET /v1/models |")
+    print("|---|---|---|---|---|---|")
     for name, m in results.items():
         rates = ", ".join(f"{x:.1f}" for x in m["tokens_per_s"])
-        print(f"| {name} | {rates} | {m['gap_ms']:.1f} ms | {m['tiny_ms']:.1f} ms | {m['models_ms']:.2f} ms |")
+        print(f"| {name} | {rates} | {m['gap_ms']:.1f} ms | {m['gap_alone_ms']:.1f} ms | {m['tiny_ms']:.1f} ms "
+              f"| {m['models_ms']:.2f} ms |")
     return 0
 
 

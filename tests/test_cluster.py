@@ -44,8 +44,7 @@ def wait_for(condition, what: str, timeout: float = TIMEOUT):
 def ray_metrics_port():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=100 * 2**20, _metrics_export_port=port,
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})
     try:
         yield port
