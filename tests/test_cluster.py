@@ -57,7 +57,7 @@ def ray_metrics_port():
 def base_url(ray_metrics_port):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(cluster.deployment(threads=1, replicas=2, n_ctx=CTX, max_batch=4, max_tokens=16),
+    serve.run(cluster.deployment(threads=1, replicas=2, n_ctx=CTX, max_batch=8, max_tokens=16),
               name=APP, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -72,15 +72,17 @@ def oracle():
     return LLM(n_ctx=CTX)
 
 
-def replicas_of(client, n: int) -> set[str]:
-    """The replicas that answered n concurrent requests (their X-Replica headers)."""
+def both_replicas(client) -> set[str] | None:
+    """The replicas that answered 8 requests sent at once (their X-Replica headers), if both did
+    (Serve sends each request to the less busy; None while the proxy does not know of one yet)."""
     def one(i):
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=[{"role": "user", "content": f"request {i}"}], **GREEDY, extra_body=NO_EOS)
         assert raw.parse().usage.completion_tokens == 12
         return raw.headers["x-replica"]
-    with ThreadPoolExecutor(n) as pool:
-        return set(pool.map(one, range(n)))
+    with ThreadPoolExecutor(8) as pool:
+        answered = set(pool.map(one, range(8)))
+    return answered if len(answered) == 2 else None
 
 
 def running_replicas() -> int:
@@ -141,7 +143,7 @@ def test_chat_and_completions_streamed_and_not(client, oracle):
 
 
 def test_both_replicas_answer(client):
-    assert len(replicas_of(client, 8)) == 2
+    wait_for(lambda: both_replicas(client), "both replicas to answer")
 
 
 def test_metrics_per_replica_and_in_rays_prometheus(base_url, client, ray_metrics_port):
@@ -165,16 +167,16 @@ def test_metrics_per_replica_and_in_rays_prometheus(base_url, client, ray_metric
 
 def test_health_through_the_proxy(base_url):
     health = httpx.get(base_url + "/health", timeout=TIMEOUT)
-    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["slots_total"] == 4
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["slots_total"] == 8
 
 
 # ------------------------------------------------------------------ a replica dies
 
 
 def test_a_replica_killed_mid_stream_is_replaced(client):
-    """8 long streams, 4 on each replica (4 slots each: Serve sends no more); once every one is
-    under way, the first one's replica is killed. Its streams end at once, cut short; the others
-    finish; Serve starts a new replica, and the next requests are answered by both."""
+    """8 long streams, on both replicas (8 slots each); once every one is under way, the first
+    one's replica is killed. Its streams end at once, cut short; the others finish; Serve starts
+    a new replica, and the next requests are answered by both."""
     n, long = 8, CTX - 16  # tokens: seconds of streaming
     started, replica_of, results = threading.Barrier(n + 1, timeout=TIMEOUT), {}, {}
 
@@ -207,7 +209,7 @@ def test_a_replica_killed_mid_stream_is_replaced(client):
     assert not any(worker.is_alive() for worker in workers), "a stream hung"
 
     on_victim = [i for i in range(n) if replica_of[i] == victim]
-    assert len(on_victim) == 4
+    assert 0 < len(on_victim) < n
     for i in range(n):
         finish, tokens, error = results[i]
         if i in on_victim:  # cut short: an error, or a stream that ends without its last chunk
@@ -217,5 +219,5 @@ def test_a_replica_killed_mid_stream_is_replaced(client):
 
     wait_for(lambda: victim not in str(ray.util.list_named_actors(all_namespaces=True))
              and running_replicas() == 2, "Serve to replace the replica", timeout=2 * TIMEOUT)
-    answered = replicas_of(client, 8)
-    assert len(answered) == 2 and victim not in answered
+    answered = wait_for(lambda: both_replicas(client), "the new replica to answer")
+    assert victim not in answered

@@ -41,10 +41,11 @@ def deployment(model: str | None = None, *, threads: int = 1, replicas: int | No
     many CPUs (`num_cpus`; a GPU too with device="cuda").
 
     Either `replicas` (default 1), or autoscaling between `min_replicas` and `max_replicas` aiming
-    at `target_ongoing_requests` requests per replica (default: its slots, `max_batch`). A replica
-    takes `max_batch` requests at once (Serve's max_ongoing_requests); the rest wait at Serve's
-    proxy for the first replica free, `max_queue` at most per proxy (beyond, 429 and Retry-After:
-    1, as from `tritlm serve`).
+    at `target_ongoing_requests` requests per replica (default: its slots, `max_batch`, so that
+    replicas are added when requests wait). Serve sends a replica what `tritlm serve` would take,
+    `max_batch` running and `max_queue` waiting (so /health and /metrics are answered however busy
+    its slots are); when every replica is that full, `max_queue` more wait at each proxy, and
+    beyond that the proxy answers 429 with Retry-After: 1, as `tritlm serve` does.
 
     options: `LLM`'s keyword arguments (n_ctx, kv_type, device, draft_model, weight_layout, mmap)
     and `create_app`'s (max_batch, max_queue, allowed_hosts, max_tokens, temperature, ...), with
@@ -75,7 +76,7 @@ def deployment(model: str | None = None, *, threads: int = 1, replicas: int | No
     gpu = {"num_gpus": 1} if llm_options.get("device", "cpu") != "cpu" else {}
     settings = scaling | {
         "name": name, "ray_actor_options": {"num_cpus": threads} | gpu,
-        "max_ongoing_requests": max_batch, "max_queued_requests": max_queue,
+        "max_ongoing_requests": max_batch + max_queue, "max_queued_requests": max_queue,
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         "health_check_period_s": 2,  # a cheap check: a dead replica is replaced within seconds
     } | (serve_options or {})
