@@ -4,9 +4,12 @@ Three servers of the same model, one after another, each driven by S concurrent 
 completions (the async `openai` client, greedy, `ignore_eos`, so each stream generates exactly N
 tokens):
 
-  direct   `tritlm serve -t T`                             one engine of T threads, S slots
-  ray 1xT  `tritlm serve --ray --replicas 1 -t T`          the same engine behind Ray Serve's proxy
-  ray Rx1  `tritlm serve --ray --replicas R -t T/R`        R engines of T/R threads, S/R slots each
+  direct   `tritlm serve -t T`                       one engine of T threads
+  ray 1xT  `tritlm serve --ray --replicas 1 -t T`    the same engine behind Ray Serve's proxy
+  ray Rx1  `tritlm serve --ray --replicas R -t T/R`  R engines of T/R threads
+
+each with S slots per engine (Serve sends each stream to the less busy replica, not always S/R
+to each: the table gives how many each ran).
 
 For each: aggregate tokens/s (S * N tokens over the wall time of a round of S streams), the
 median gap between a stream's chunks (the time per streamed token) in those rounds and in a
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import httpx
 import openai
@@ -74,28 +78,31 @@ def stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
-async def stream(api: openai.AsyncOpenAI, model: str, i: int, tokens: int) -> list[float]:
-    """One streamed completion of exactly `tokens` tokens; the arrival times of its chunks."""
-    chunks = await api.completions.create(model=model, prompt=PROMPT.format(i), max_tokens=tokens, temperature=0,
-                                          stream=True, stream_options={"include_usage": True},
-                                          extra_body={"ignore_eos": True})
+async def stream(api: openai.AsyncOpenAI, model: str, i: int, tokens: int) -> tuple[str, list[float]]:
+    """One streamed completion of exactly `tokens` tokens: the replica that made it (Ray) and the
+    arrival times of its chunks."""
+    raw = await api.completions.with_raw_response.create(
+        model=model, prompt=PROMPT.format(i), max_tokens=tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     times, usage = [], None
-    async for chunk in chunks:
+    async for chunk in await raw.parse():
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
         usage = chunk.usage or usage
     assert usage.completion_tokens == tokens, usage
-    return times
+    return raw.headers.get("x-replica", "-"), times
 
 
 async def measure(url: str, args) -> dict:
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as api:
         model = (await api.models.list()).data[0].id
 
-        async def timed_round(streams: int) -> tuple[float, list[list[float]]]:
+        async def timed_round(streams: int) -> tuple[float, list[list[float]], str]:
+            """Its wall time, each stream's chunk times, and how many streams each replica ran."""
             started = time.perf_counter()
-            times = await asyncio.gather(*(stream(api, model, i, args.tokens) for i in range(streams)))
-            return time.perf_counter() - started, times
+            done = await asyncio.gather(*(stream(api, model, i, args.tokens) for i in range(streams)))
+            split = "/".join(str(n) for _, n in Counter(replica for replica, _ in done).most_common())
+            return time.perf_counter() - started, [times for _, times in done], split
 
         rounds = [await timed_round(args.streams) for _ in range(args.repeats + 1)][1:]  # the first warms up every slot
         alone = await timed_round(1)
@@ -110,8 +117,9 @@ async def measure(url: str, args) -> dict:
                 listing.append(time.perf_counter() - started)
 
     def gap_ms(rounds):  # between a stream's chunks, after its first
-        return 1e3 * statistics.median(b - a for _, times in rounds for t in times for a, b in zip(t, t[1:]))
-    return {"tokens_per_s": [args.streams * args.tokens / wall for wall, _ in rounds], "gap_ms": gap_ms(rounds),
+        return 1e3 * statistics.median(b - a for _, times, _ in rounds for t in times for a, b in zip(t, t[1:]))
+    return {"tokens_per_s": [args.streams * args.tokens / wall for wall, _, _ in rounds],
+            "split": [split for _, _, split in rounds], "gap_ms": gap_ms(rounds),
             "gap_alone_ms": gap_ms([alone]), "tiny_ms": 1e3 * statistics.median(tiny),
             "models_ms": 1e3 * statistics.median(listing)}
 
@@ -125,13 +133,14 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--threads", type=int, default=os.cpu_count(), help="threads in all (default: the cores)")
     p.add_argument("--replicas", type=int, default=2, help="replicas of the last server (default 2)")
     args = p.parse_args(argv)
-    if args.threads % args.replicas or args.streams % args.replicas:
-        p.error("--threads and --streams must divide among the --replicas")
+    if args.threads % args.replicas:
+        p.error("--threads must divide among the --replicas")
     t, r, s = args.threads, args.replicas, args.streams
     common = ["-m", args.model, "-c", str(args.tokens + 64), "--timeout", "0"]
-    servers = {"direct": ["-t", str(t), "--max-batch", str(s)],
-               f"ray 1x{t}": ["--ray", "--replicas", "1", "-t", str(t), "--max-batch", str(s)],
-               f"ray {r}x{t // r}": ["--ray", "--replicas", str(r), "-t", str(t // r), "--max-batch", str(s // r)]}
+    # every server has a slot for every stream: a stream Serve sends to the busier replica waits for none
+    common += ["--max-batch", str(s)]
+    servers = {"direct": ["-t", str(t)], f"ray 1x{t}": ["--ray", "--replicas", "1", "-t", str(t)],
+               f"ray {r}x{t // r}": ["--ray", "--replicas", str(r), "-t", str(t // r)]}
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, flags in servers.items():
@@ -144,13 +153,13 @@ def main(argv=None) -> int:
                     stop(server)
             print(name, results[name], file=sys.stderr, flush=True)
     print(f"\n{s} streams x {args.tokens} tokens, {args.repeats} rounds; {args.model}\n")
-    print(f"| server | aggregate tokens/s (each round) | gap between chunks: {s} streams | 1 stream "
-          "| tiny request | GET /v1/models |")
-    print("|---|---|---|---|---|---|")
+    print(f"| server | aggregate tokens/s (each round) | streams per replica | gap between chunks: {s} "
+          "streams | 1 stream | tiny request | GET /v1/models |")
+    print("|---|---|---|---|---|---|---|")
     for name, m in results.items():
         rates = ", ".join(f"{x:.1f}" for x in m["tokens_per_s"])
-        print(f"| {name} | {rates} | {m['gap_ms']:.1f} ms | {m['gap_alone_ms']:.1f} ms | {m['tiny_ms']:.1f} ms "
-              f"| {m['models_ms']:.2f} ms |")
+        print(f"| {name} | {rates} | {', '.join(m['split'])} | {m['gap_ms']:.1f} ms | {m['gap_alone_ms']:.1f} ms "
+              f"| {m['tiny_ms']:.1f} ms | {m['models_ms']:.2f} ms |")
     return 0
 
 
