@@ -125,21 +125,22 @@ def test_serve_ray_refuses_more_threads_than_cores(monkeypatch, capsys):
 def test_chat_and_completions_streamed_and_not(client, oracle):
     assert [m.id for m in client.models.list()] == [MODEL]
     messages = [{"role": "user", "content": "def fibonacci"}]
-    reply = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY, extra_body=NO_EOS)
-    expected = oracle.create_chat_completion(messages, **GREEDY, ignore_eos=True)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    expected = oracle.create_chat_completion(messages, **GREEDY)
     assert reply.choices[0].message.content == expected["choices"][0]["message"]["content"]
     assert reply.usage.model_dump(exclude_none=True) == expected["usage"]
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, **GREEDY,
-                                                 stream_options={"include_usage": True}, extra_body=NO_EOS))
+                                                 stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
     assert chunks[-1].usage == reply.usage
 
-    done = client.completions.create(model=MODEL, prompt="import os", **GREEDY, extra_body=NO_EOS)
-    assert done.choices[0].text == oracle.generate("import os", **GREEDY, ignore_eos=True)
-    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 12
-    streamed = client.completions.create(model=MODEL, prompt="import os", stream=True, **GREEDY, extra_body=NO_EOS)
+    done = client.completions.create(model=MODEL, prompt="import os", **GREEDY)
+    assert done.choices[0].text == oracle.generate("import os", **GREEDY)
+    streamed = client.completions.create(model=MODEL, prompt="import os", stream=True, **GREEDY)
     assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+    long = client.completions.create(model=MODEL, prompt="import os", **GREEDY, extra_body=NO_EOS)
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 12
 
 
 def test_both_replicas_answer(client):
