@@ -164,6 +164,8 @@ def test_metrics_per_replica_and_in_rays_prometheus(base_url, client, ray_metric
         return lines if all(f'replica="{r}"' in "".join(lines) for r in seen) else None
     lines = wait_for(exported, "the replicas' metrics in Ray's Prometheus endpoint")
     assert all(f'application="{APP}"' in line and float(line.rsplit(" ", 1)[1]) > 0 for line in lines)
+    text = httpx.get(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=TIMEOUT).text
+    assert "# TYPE ray_tritlm_slots_total gauge" in text  # a gauge keeps its name
 
 
 def test_health_through_the_proxy(base_url):

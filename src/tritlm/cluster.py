@@ -164,8 +164,9 @@ async def _export_metrics(families):
             for labels, value in samples:
                 if name not in exported:
                     make = serve_metrics.Counter if counter else serve_metrics.Gauge
-                    exported[name] = make(f"tritlm_{name.removesuffix('_total')}", description=help,
-                                          tag_keys=tuple(labels))
+                    # Ray's exporter adds _total to a counter's name
+                    exported[name] = make(f"tritlm_{name.removesuffix('_total') if counter else name}",
+                                          description=help, tag_keys=tuple(labels))
                 tags = {k: str(v) for k, v in labels.items()}
                 if counter:  # Ray's counters only go up, by increments
                     key = (name, tuple(tags.items()))

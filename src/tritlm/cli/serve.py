@@ -185,8 +185,12 @@ def run_ray(args, api_key: str | None, hosts: list[str] | None) -> int:
                      ctx_per_slot=args.ctx_per_slot, max_tokens=args.n_predict, temperature=args.temperature,
                      system_prompt=args.prompt, timeout=args.timeout or None,
                      speculative="lookup" if args.lookup else "draft" if args.draft else None,
-                     max_guesses=args.lookup or 8)
-    # a local instance just for this server: no dashboard (`ray start --head` and --address auto for one)
+                     max_guesses=args.lookup or 8,
+                     serve_options={"logging_config": {"enable_access_log": False}})  # as uvicorn's, off
+    # a Ray instance just for this server sends no usage reports, and has no dashboard (for one:
+    # `ray start --head`, then --address auto)
+    if args.address is None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address=args.address or "local", include_dashboard=False if args.address is None else None,
              logging_level=logging.WARNING)
     try:
