@@ -1,6 +1,6 @@
-"""tritlm on a real local Ray instance (2 CPUs, no dashboard, loopback): 2 replicas of the bundled
-model behind Ray Serve's HTTP proxy, driven by the official `openai` client; then one replica's
-process killed while it streams."""
+"""tritlm on a real local Ray instance (2 CPUs, no dashboard, nothing leaving the machine): 2
+replicas of the bundled model behind Ray Serve's HTTP proxy on 127.0.0.1, driven by the official
+`openai` client; then one replica's process killed while it streams."""
 
 import os
 import socket

@@ -24,7 +24,7 @@ from . import hub
 from .api import LLM
 from .server import create_app
 
-METRICS_PERIOD = 5.0  # seconds between updates of the Ray metrics (Ray reports them every 10 s)
+METRICS_PERIOD = 5.0  # seconds between updates of the Ray metrics (Ray exports them every few seconds)
 _LLM_OPTIONS = set(inspect.signature(LLM).parameters) - {"model_path", "n_threads"}
 _APP_OPTIONS = set(inspect.signature(create_app).parameters) - {"llm"}
 _APP_DEFAULTS = {k: p.default for k, p in inspect.signature(create_app).parameters.items()}
