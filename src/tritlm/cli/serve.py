@@ -200,8 +200,11 @@ def run_ray(args, api_key: str | None, hosts: list[str] | None) -> int:
         print(f"tritlm: starting {initial} replica(s) of {threads} thread(s) on Ray", file=sys.stderr)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
-        except RuntimeError as e:  # a replica could not start: its error is in the message
-            raise ValueError(f"the deployment failed: {e}") from None
+        except RuntimeError as e:  # a replica could not start: the last line of Serve's message says why
+            status = serve.status().applications.get(APP_NAME)
+            why = [d.message.strip().splitlines()[-1] for d in status.deployments.values()
+                   if d.message.strip()] if status else []
+            raise ValueError(f"the deployment failed: {why[0] if why else e}") from None
         print(f"tritlm: serving on http://{args.host}:{args.port}/ through Ray Serve", file=sys.stderr)
         stopped.wait()
     finally:
