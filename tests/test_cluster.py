@@ -148,6 +148,7 @@ def test_both_replicas_answer(client):
 
 
 def test_metrics_per_replica_and_in_rays_prometheus(base_url, client, ray_metrics_port):
+    wait_for(lambda: both_replicas(client), "both replicas to generate")
     seen = {}
     with httpx.Client(base_url=base_url, timeout=TIMEOUT) as http:
         def scrape():  # /metrics of whichever replica Serve picks, until both have answered
