@@ -69,7 +69,7 @@ def hub(tmp_path_factory):
 def environment(hub, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     return env | {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path_factory.mktemp("hf")),
-                  "HF_HUB_DISABLE_TELEMETRY": "1", "KEY": "secret",
+                  "HF_HUB_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0", "KEY": "secret",
                   "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")}
 
 

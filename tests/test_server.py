@@ -915,6 +915,18 @@ def test_serve_flags():
         build_parser().parse_args(["serve", "--draft", "d.gguf", "--lookup"])
 
 
+def test_serve_ray_flags(capsys, monkeypatch):
+    args = build_parser().parse_args(["serve", "--ray", "--address", "auto", "--min-replicas", "1",
+                                      "--max-replicas", "4", "--target-ongoing-requests", "6"])
+    assert (args.ray, args.address, args.replicas, args.min_replicas, args.max_replicas,
+            args.target_ongoing_requests) == (True, "auto", None, 1, 4, 6.0)
+    assert main(["serve", "--replicas", "2"]) == 2  # before any model is loaded
+    assert "--replicas: only with --ray" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the [cluster] extra were not installed
+    assert main(["serve", "--ray"]) == 2
+    assert "pip install 'tritlm[cluster]'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("host, key, given, expected", [
     ("127.0.0.1", None, None, ["localhost", "127.0.0.1", "[::1]"]),  # key-less on loopback: checked
     ("localhost", None, None, ["localhost", "127.0.0.1", "[::1]"]),

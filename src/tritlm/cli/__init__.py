@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ends in one `tritlm: error:` line, never a traceback; so do Ctrl-C and a closed pipe."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "model", None):  # a Hub id -> its local path
+        # a Hub id -> its local path; for `serve --ray`, each replica resolves it on its own node
+        if getattr(args, "model", None) and not getattr(args, "ray", False):
             from ..hub import resolve_model
 
             args.model = resolve_model(args.model, revision=args.revision, offline=args.offline)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+RAY_FLAGS = ("--address", "--replicas", "--min-replicas", "--max-replicas", "--target-ongoing-requests")
+APP_NAME = "tritlm"  # the Ray Serve application's name
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +25,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("-p", "--prompt", default=None, help="system prompt for chats that have none")
     p.add_argument("-n", "--n-predict", type=int, default=512,
                    help="max_tokens of requests that give none; -1: until the context is full (default 512)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: every core that other work leaves idle)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="threads (default: every core that other work leaves idle); with --ray, each "
+                        "replica's, and the CPUs Ray reserves for it (default: this machine's cores "
+                        "divided among the replicas)")
     add_device_argument(p)
     add_weight_arguments(p)
     p.add_argument("-c", "--ctx-size", type=int, default=None,
@@ -63,6 +68,19 @@ def add_parser(subparsers) -> None:
                                   "opt out: a smaller model with the same tokenizer (path or Hub id), run in "
                                   "a sequence per slot, proposes up to 8 guesses a step (loaded with the "
                                   "same -c, -t and --device)")
+    ray = p.add_argument_group("a Ray cluster (--ray; the [cluster] extra; docs/CLUSTER.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve replicas of this server on a Ray cluster, behind Ray Serve's HTTP proxy on "
+                          "--host/--port; each replica loads the model on its node (a Hub id is fetched there)")
+    ray.add_argument("--address", default=None,
+                     help="the Ray cluster to join: auto (the one `ray start` started here) or HOST:PORT "
+                          "(default: start one on this machine, for as long as this command runs)")
+    ray.add_argument("--replicas", type=int, default=None, help="replicas of the server (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None,
+                     help="autoscaling instead of --replicas: at least this many replicas (default 1)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: at most this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="autoscaling: the requests per replica to scale towards (default: --max-batch)")
     p.set_defaults(func=run)
 
 
@@ -105,6 +123,11 @@ def run(args) -> int:
     hosts = allowed_hosts(args.host, api_key, args.allowed_hosts)
     if hosts == []:
         raise ValueError("--allowed-hosts names no host ('*' allows any)")
+    if args.ray:
+        return run_ray(args, api_key, hosts)
+    given = [flag for flag in RAY_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --ray")
     llm = LLM(args.model, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device,
               weight_layout=args.weight_layout, mmap=args.mmap, draft_model=args.draft)
     ctx = args.ctx_per_slot or args.ctx_size or min(llm.n_ctx, 2048)
@@ -129,4 +152,65 @@ def run(args) -> int:
                     **uvicorn_options(read_timeout=args.read_timeout))
     finally:
         gc.unfreeze()
+    return 0
+
+
+def run_ray(args, api_key: str | None, hosts: list[str] | None) -> int:
+    """`serve --ray`: the same app, as replicas under Ray Serve (tritlm.cluster), until Ctrl-C or
+    SIGTERM; then the application is deleted (and the Ray instance this command started stops)."""
+    import logging
+    import os
+    import signal
+    import threading
+
+    try:
+        import ray
+        from ray import serve
+
+        from ..cluster import deployment
+    except ImportError as e:
+        raise ValueError(f"--ray needs the [cluster] extra: pip install 'tritlm[cluster]' ({e})") from e
+    initial = args.replicas or args.min_replicas or 1
+    cores = os.cpu_count() or 1
+    threads = args.threads or max(1, cores // (args.max_replicas or initial))
+    if args.address is None and threads * initial > cores:
+        raise ValueError(f"{initial} replica(s) of {threads} thread(s) need more CPUs than this machine's "
+                         f"{cores}: lower -t or the replicas")
+    app = deployment(args.model, threads=threads, replicas=args.replicas, min_replicas=args.min_replicas,
+                     max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+                     revision=args.revision, offline=args.offline, name=APP_NAME,
+                     n_ctx=args.ctx_size, device=args.device, weight_layout=args.weight_layout, mmap=args.mmap,
+                     draft_model=args.draft, api_key=api_key, allowed_hosts=hosts,
+                     max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue,
+                     ctx_per_slot=args.ctx_per_slot, max_tokens=args.n_predict, temperature=args.temperature,
+                     system_prompt=args.prompt, timeout=args.timeout or None,
+                     speculative="lookup" if args.lookup else "draft" if args.draft else None,
+                     max_guesses=args.lookup or 8,
+                     serve_options={"logging_config": {"enable_access_log": False}})  # as uvicorn's, off
+    # a Ray instance just for this server sends no usage reports, and has no dashboard (for one:
+    # `ray start --head`, then --address auto)
+    if args.address is None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=args.address or "local", include_dashboard=False if args.address is None else None,
+             logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        stopped = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopped.set())  # (Ctrl-C: KeyboardInterrupt)
+        print(f"tritlm: starting {initial} replica(s) of {threads} thread(s) on Ray", file=sys.stderr)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # a replica could not start: the last line of Serve's message says why
+            status = serve.status().applications.get(APP_NAME)
+            why = [d.message.strip().splitlines()[-1] for d in status.deployments.values()
+                   if d.message.strip()] if status else []
+            raise ValueError(f"the deployment failed: {why[0] if why else e}") from None
+        print(f"tritlm: serving on http://{args.host}:{args.port}/ through Ray Serve", file=sys.stderr)
+        stopped.wait()
+    finally:
+        if args.address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)  # the cluster and its other applications go on
+        ray.shutdown()
     return 0

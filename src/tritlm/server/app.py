@@ -10,6 +10,7 @@ size, and by the number of arrays and objects in it, each of which costs far mor
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -81,6 +82,7 @@ def create_app(llm, *, api_key: str | None = None, allowed_hosts: list[str] | No
     # no /docs: Swagger's page loads from a CDN, and nothing here may need the internet
     app = FastAPI(title="tritlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.api = scheduler, api
+    app.state.metrics = functools.partial(metric_families, scheduler, http_counts)
     app.add_middleware(_Guard, api_key=api_key, allowed_hosts=allowed_hosts, max_body_bytes=max_body_bytes)
     app.add_middleware(_CountRequests, counts=http_counts)  # outermost: it counts the Guard's refusals too
 
@@ -126,7 +128,7 @@ def create_app(llm, *, api_key: str | None = None, allowed_hosts: list[str] | No
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(_metrics(scheduler, http_counts), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(_prometheus_text(app.state.metrics()), media_type="text/plain; version=0.0.4")
 
     chat_page = resources.files(__package__).joinpath("chat.html").read_text("utf-8")
 
@@ -602,32 +604,38 @@ def _hostname(host: str) -> str:
     return name.lower()
 
 
-def _metrics(scheduler: Scheduler, http_counts: Counter) -> str:
+def metric_families(scheduler: Scheduler, http_counts: Counter) -> list[tuple[str, str, str, list]]:
+    """What /metrics reports, as (name, "counter" or "gauge", help, [(labels, value), ...]); the
+    names without the `tritlm_` prefix. `app.state.metrics()` gives them (tritlm.cluster exports
+    the same to Ray's metrics)."""
     m, state = scheduler.metrics, scheduler.state()
-    lines = []
+    return [
+        ("http_requests_total", "counter", "HTTP requests by route and status.",
+         [({"route": r, "status": s}, n) for (r, s), n in sorted(http_counts.items())]),
+        ("sequences_total", "counter", "Generations (one per choice) and embedding jobs, by outcome.",
+         [({"outcome": k}, v) for k, v in m.requests.items()]),
+        ("prompt_tokens_total", "counter", "Prompt tokens computed (reused cached prefixes not counted).",
+         [({}, m.prompt_tokens)]),
+        ("completion_tokens_total", "counter", "Tokens generated.", [({}, m.completion_tokens)]),
+        ("speculative_proposed_tokens_total", "counter",
+         "Guesses of the next tokens verified (speculative decoding).", [({}, m.proposed_tokens)]),
+        ("speculative_accepted_tokens_total", "counter", "Guesses the model accepted.", [({}, m.accepted_tokens)]),
+        ("engine_steps_total", "counter", "Engine steps (one batched forward each).", [({}, m.steps)]),
+        ("queue_depth", "gauge", "Sequences waiting for a slot.", [({}, state["queue"])]),
+        ("running_sequences", "gauge", "Sequences holding a slot.", [({}, state["running"])]),
+        ("slots_total", "gauge", "Slots (sequences run at once).", [({}, state["slots_total"])]),
+        ("batch_size", "gauge", "Sequences advanced by the last engine step.", [({}, m.batch_size)]),
+        ("tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
+         [({}, round(m.tokens_per_second(), 3))]),
+        ("uptime_seconds", "gauge", "Seconds since the server started.", [({}, round(time.time() - m.started, 1))]),
+    ]
 
-    def metric(name, kind, help, samples):
+
+def _prometheus_text(families: list[tuple[str, str, str, list]]) -> str:
+    lines = []
+    for name, kind, help, samples in families:
         lines.extend([f"# HELP tritlm_{name} {help}", f"# TYPE tritlm_{name} {kind}"])
         for labels, value in samples:
             label = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
             lines.append(f"tritlm_{name}{label} {value}")
-
-    metric("http_requests_total", "counter", "HTTP requests by route and status.",
-           [({"route": r, "status": s}, n) for (r, s), n in sorted(http_counts.items())])
-    metric("sequences_total", "counter", "Generations (one per choice) and embedding jobs, by outcome.",
-           [({"outcome": k}, v) for k, v in m.requests.items()])
-    metric("prompt_tokens_total", "counter", "Prompt tokens computed (reused cached prefixes not counted).",
-           [({}, m.prompt_tokens)])
-    metric("completion_tokens_total", "counter", "Tokens generated.", [({}, m.completion_tokens)])
-    metric("speculative_proposed_tokens_total", "counter",
-           "Guesses of the next tokens verified (speculative decoding).", [({}, m.proposed_tokens)])
-    metric("speculative_accepted_tokens_total", "counter", "Guesses the model accepted.", [({}, m.accepted_tokens)])
-    metric("engine_steps_total", "counter", "Engine steps (one batched forward each).", [({}, m.steps)])
-    metric("queue_depth", "gauge", "Sequences waiting for a slot.", [({}, state["queue"])])
-    metric("running_sequences", "gauge", "Sequences holding a slot.", [({}, state["running"])])
-    metric("slots_total", "gauge", "Slots (sequences run at once).", [({}, state["slots_total"])])
-    metric("batch_size", "gauge", "Sequences advanced by the last engine step.", [({}, m.batch_size)])
-    metric("tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
-           [({}, round(m.tokens_per_second(), 3))])
-    metric("uptime_seconds", "gauge", "Seconds since the server started.", [({}, round(time.time() - m.started, 1))])
     return "\n".join(lines) + "\n"
