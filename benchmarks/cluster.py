@@ -117,7 +117,8 @@ async def measure(url: str, args) -> dict:
                 listing.append(time.perf_counter() - started)
 
     def gap_ms(rounds):  # a stream's time per chunk after its first (Ray's proxy may pass several at once)
-        return 1e3 * statistics.median((t[-1] - t[0]) / (len(t) - 1) for _, times, _ in rounds for t in times)
+        gaps = [(t[-1] - t[0]) / (len(t) - 1) for _, times, _ in rounds for t in times if len(t) > 1]
+        return 1e3 * statistics.median(gaps) if gaps else float("nan")  # (text held back may come in one chunk)
     return {"tokens_per_s": [args.streams * args.tokens / wall for wall, _, _ in rounds],
             "split": [split for _, _, split in rounds], "gap_ms": gap_ms(rounds),
             "gap_alone_ms": gap_ms([alone]), "tiny_ms": 1e3 * statistics.median(tiny),
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     if args.threads % args.replicas:
         p.error("--threads must divide among the --replicas")
     t, r, s = args.threads, args.replicas, args.streams
-    common = ["-m", args.model, "-c", str(args.tokens + 64), "--timeout", "0"]
+    common = ["-m", args.model, "-c", str(args.tokens + 256), "--timeout", "0"]
     # every server has a slot for every stream: a stream Serve sends to the busier replica waits for none
     common += ["--max-batch", str(s)]
     servers = {"direct": ["-t", str(t)], f"ray 1x{t}": ["--ray", "--replicas", "1", "-t", str(t)],
