@@ -84,21 +84,25 @@ def test_gemm_model_shapes(isa, rng, m, tokens):
                   rng.standard_normal((tokens, k)).astype(np.float32), n_threads=3)
 
 
+def check_layout(isa, rng, layout, m, k, tokens, n_threads):
+    """A random product in `layout`: integer sums and outputs against the NumPy reference."""
+    ternary = random_ternary(rng, m, k)
+    matrix = kernels.TernaryMatrix(ternary, rng.uniform(0.5, 2, m).astype(np.float32), layout)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    acts = kernels.quantize_activations(x, isa=isa)
+    q, act_scale, row_sum = quant.quantize_activations(x)
+    np.testing.assert_array_equal(matrix.code_sums(acts, isa=isa, n_threads=n_threads), quant.code_sums(ternary, q))
+    np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=n_threads),
+                                  quant.ternary_matmul(ternary, matrix.scale, q, act_scale, row_sum))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout", ["tiles", "tiles5"])
 @pytest.mark.parametrize("tokens", [2, 3, 9, 23])
 def test_gemm_many_tiles_per_thread(isa, rng, layout, tokens):
     """One thread's 71 row tiles (the last one short of rows), more than a kernel takes in one
     group, and token counts that split into uneven blocks."""
-    m, k = 16 * 70 + 5, 1280
-    ternary = random_ternary(rng, m, k)
-    matrix = kernels.TernaryMatrix(ternary, rng.uniform(0.5, 2, m).astype(np.float32), layout)
-    x = rng.standard_normal((tokens, k)).astype(np.float32)
-    acts = kernels.quantize_activations(x, isa=isa)
-    q, act_scale, row_sum = quant.quantize_activations(x)
-    np.testing.assert_array_equal(matrix.code_sums(acts, isa=isa, n_threads=1), quant.code_sums(ternary, q))
-    np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=1),
-                                  quant.ternary_matmul(ternary, matrix.scale, q, act_scale, row_sum))
+    check_layout(isa, rng, layout, 16 * 70 + 5, 1280, tokens, n_threads=1)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -106,15 +110,7 @@ def test_gemm_many_tiles_per_thread(isa, rng, layout, tokens):
 def test_gemm_tokens_in_several_passes(isa, rng, layout):
     """More tokens than one pass over the tiles keeps in L2 (256 KB of activations: 32 tokens at
     K = 8192) go in passes, the last one short and in uneven blocks."""
-    m, k, tokens = 37, 8192, 77
-    ternary = random_ternary(rng, m, k)
-    matrix = kernels.TernaryMatrix(ternary, rng.uniform(0.5, 2, m).astype(np.float32), layout)
-    x = rng.standard_normal((tokens, k)).astype(np.float32)
-    acts = kernels.quantize_activations(x, isa=isa)
-    q, act_scale, row_sum = quant.quantize_activations(x)
-    np.testing.assert_array_equal(matrix.code_sums(acts, isa=isa, n_threads=2), quant.code_sums(ternary, q))
-    np.testing.assert_array_equal(matrix.matmul(acts, isa=isa, n_threads=2),
-                                  quant.ternary_matmul(ternary, matrix.scale, q, act_scale, row_sum))
+    check_layout(isa, rng, layout, 37, 8192, 77, n_threads=2)
 
 
 @pytest.mark.parametrize("isa", ISAS)
