@@ -1082,6 +1082,57 @@ TRITLM_AVX2 void head_block_q6k_avx2(const HeadArgs& h, const uint8_t* rows, int
     for (int t = 0; t < NT; ++t) h.out[(t0 + t) * h.vocab + r0 + r] = V::sum(acc[t]) * h.dx[t0 + t];
   }
 }
+
+// Q6_K on AVX-512: head_block_int's arithmetic, operation for operation, with the codes decoded
+// into registers. Decoded through memory (RowQ6_K::Block), each 64-byte load of codes spans two
+// 32-byte stores, which store forwarding cannot serve, and the head ran compute-bound at ~10 GB/s
+// per core. Chunk 2h + j of a block (64 codes): ql[64h .. 64h + 63] nibble j, and qh[32h ..
+// 32h + 31] at bits 2j (first 32 codes) and 2j + 2 (last 32), each moved to bits 4-5 by one
+// 64-bit shift per 256-bit half.
+TRITLM_AVX512 inline void q6k_decode_avx512(const uint8_t* block, __m512i codes[4]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0f), two_bits = _mm512_set1_epi8(0x30);
+  const __m512i up = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), down = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+  for (int half = 0; half < 2; ++half) {
+    const __m512i ql = _mm512_loadu_si512(block + 64 * half);
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * half)));
+    codes[2 * half] = _mm512_or_si512(_mm512_and_si512(ql, nibble), _mm512_and_si512(_mm512_sllv_epi64(qh, up), two_bits));
+    codes[2 * half + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), nibble),
+                                          _mm512_and_si512(_mm512_srlv_epi64(qh, down), two_bits));
+  }
+}
+
+template <int NR, int NT>
+TRITLM_AVX512 void head_block_q6k_avx512(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes, int64_t r0,
+                                         int64_t t0, const uint8_t* ahead, int64_t) {
+  using V = Avx512;
+  const int64_t D = h.D, blocks = D / 256;
+  const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int r = 0; r < NR; ++r) {  // a row at a time: NT accumulators stay in registers
+    const uint8_t* row = rows + r * row_bytes;
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = V::zero();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = row + b * RowQ6_K::kBytes;
+      if (ahead)  // the same block NR rows on, into L1
+        for (int o = 0; o < RowQ6_K::kBytes; o += 64) __builtin_prefetch(block + NR * row_bytes + o, 0, 3);
+      __m512i codes[4];
+      q6k_decode_avx512(block, codes);
+      const __m512 scales = V::mul(V::set1(V::half(block + 208)), V::load_i8(reinterpret_cast<const int8_t*>(block + 192)));
+      for (int c = 0; c < 4; ++c) {  // lane i of chunk c: scale 4c + i / 4, as spread4
+        const __m512 scale = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * c)), scales);
+        for (int t = 0; t < NT; ++t) {
+          const int64_t o = (t0 + t) * D + b * 256 + 64 * c;
+          const __m512i high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[c], _mm512_loadu_si512(h.xh + o));
+          const __m512i sums = _mm512_dpbusd_epi32(_mm512_slli_epi32(high, 8), _mm512_loadu_si512(h.xl + o), codes[c]);
+          acc[t] = V::fma(scale, _mm512_cvtepi32_ps(sums), acc[t]);
+        }
+      }
+      for (int t = 0; t < NT; ++t)  // the codes' offset, as head_block_int applies it
+        acc[t] = V::fma(scales, V::load(h.xsum + ((t0 + t) * D + b * 256) / 16), acc[t]);
+    }
+    for (int t = 0; t < NT; ++t) h.out[(t0 + t) * h.vocab + r0 + r] = V::sum(acc[t]) * h.dx[t0 + t];
+  }
+}
 #endif
 
 // NR rows x NT tokens: in float for F32 / F16 rows, in integers for the quantized ones.
@@ -1091,6 +1142,8 @@ void head_rows_tokens(const HeadArgs& h, const uint8_t* rows, int64_t row_bytes,
 #ifdef TRITLM_X86
   if constexpr (std::is_same_v<V, Avx2> && std::is_same_v<Row, RowQ6_K>)
     return head_block_q6k_avx2<NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
+  if constexpr (std::is_same_v<V, Avx512> && std::is_same_v<Row, RowQ6_K>)
+    return head_block_q6k_avx512<NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
 #endif
   if constexpr (Row::kBlock > 16) head_block_int<V, Row, NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
   else head_block<V, Row, NR, NT>(h, rows, row_bytes, r0, t0, ahead, ahead_bytes);
