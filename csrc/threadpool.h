@@ -1,5 +1,5 @@
 // A persistent pool: workers spin briefly between calls (a decode step issues hundreds of
-// kernel calls a few microseconds apart), then sleep. The calling thread works too.
+// kernel calls a few microseconds apart), yielding their core to any thread that wants it, then sleep. The calling thread works too.
 #pragma once
 #include <algorithm>
 #include <cstdint>
